@@ -1,0 +1,234 @@
+"""Files: safe checkpoint reading, the ``.qsd`` format, atomic writes.
+
+Files users hand us are untrusted: ``.pth``/``.pt`` go through ``torch.load(weights_only=True)``
+(no code runs, a pickle that asks for a callable is refused) and ``.safetensors``/``.qsd`` hold
+only tensors. A ``.qsd`` file is a safetensors file whose metadata key ``qsdcompress`` holds a
+JSON document (architecture and its arguments, quantization and neuron config, provenance).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from .errors import QsdError
+
+META_KEY = "qsdcompress"
+FORMAT_VERSION = 1
+QUANT_EXTRA_SUFFIXES = (".alpha", ".init_state")
+SAFETENSORS_EXT = (".safetensors", ".qsd")
+PICKLE_EXT = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a number depends on, recorded next to every output."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("qsdcompress", "torch", "timm", "brevitas", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise QsdError(f"file not found: {path}")
+    if path.is_dir():
+        raise QsdError(f"expected a file, got a directory: {path}")
+    if path.stat().st_size == 0:
+        raise QsdError(f"file is empty: {path}")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and raw string metadata of a safetensors (or .qsd) file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_exists(path)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except QsdError:
+        raise
+    except Exception as e:  # truncated or not a safetensors file
+        raise QsdError(f"{path} is not a readable safetensors file (truncated or corrupt?): {_short(e)}") from None
+    return tensors, meta
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return (msg[0] if msg else type(e).__name__)[:200]
+
+
+def torch_load_safe(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)``: a pickle that would run code is refused, nothing runs."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise QsdError(
+            f"refused to load {path}: it is not a plain weights file (the pickle asks to run code or "
+            f"build objects: {_short(e)}); convert it to safetensors with trusted code"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise QsdError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_short(e)}") from None
+
+
+_CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "network")
+_EMA_KEYS = ("model_ema", "state_dict_ema", "ema", "ema_state_dict")
+
+
+def unwrap_state_dict(obj: Any, prefer_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Find the state_dict inside the containers training scripts write.
+
+    Accepts a bare state_dict, ``{'model': ...}``, ``{'state_dict': ...}``, ``model_ema`` /
+    ``state_dict_ema`` (used when ``prefer_ema`` or when nothing else is there), and strips
+    ``module.`` prefixes left by DataParallel/DDP.
+    """
+    if not isinstance(obj, Mapping):
+        raise QsdError(f"checkpoint holds a {type(obj).__name__}, not a state_dict")
+    order = (_EMA_KEYS + _CONTAINER_KEYS) if prefer_ema else (_CONTAINER_KEYS + _EMA_KEYS)
+    sd: Any = obj
+    for _ in range(3):  # nested containers, e.g. {'state_dict': {'model': ...}}
+        if sd and all(isinstance(v, torch.Tensor) for v in sd.values()):
+            break
+        for k in order:
+            if isinstance(sd.get(k), Mapping) and sd[k]:
+                sd = sd[k]
+                break
+        else:
+            break
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(list(map(str, obj.keys()))[:8])
+        raise QsdError(f"no tensors found in the checkpoint (top-level keys: {keys})")
+    prefixes = ("module.", "_orig_mod.", "model.")
+    for p in prefixes[:2]:
+        if all(k.startswith(p) for k in tensors):
+            tensors = {k[len(p):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict and qsdcompress metadata (empty if none) of any supported weights file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_EXT:
+        tensors, raw = read_safetensors(path)
+        meta = {}
+        if META_KEY in raw:
+            try:
+                meta = json.loads(raw[META_KEY])
+            except json.JSONDecodeError:
+                raise QsdError(f"{path}: its qsdcompress metadata is not valid JSON") from None
+        return tensors, meta
+    if suffix in PICKLE_EXT or suffix == "":
+        return unwrap_state_dict(torch_load_safe(path), prefer_ema=prefer_ema), {}
+    if suffix == ".onnx":
+        raise QsdError(f"{path} is an ONNX file: use `qsdcompress eval {path}` to evaluate it with onnxruntime")
+    raise QsdError(f"unsupported checkpoint type {suffix!r} for {path}; use .qsd, .safetensors, .pth or .pt")
+
+
+def save_qsd(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], meta: dict) -> Path:
+    """Write tensors + JSON metadata atomically as a ``.qsd`` (safetensors) file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {"format_version": FORMAT_VERSION, "versions": package_versions(), **meta}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    # safetensors refuses shared storage: clone tensors that alias another one
+    seen: dict[tuple[int, int], str] = {}
+    for k, v in tensors.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+        if key in seen:
+            tensors[k] = v.clone()
+        seen[key] = k
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, default=str)})
+    return path
+
+
+def strip_quant_extras(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Drop the reference LSQ extras (``alpha``, ``init_state``, ``act.*``) from a state_dict."""
+    kept, dropped = {}, []
+    for k, v in sd.items():
+        if k.endswith(QUANT_EXTRA_SUFFIXES) or ".act." in k:
+            dropped.append(k)
+        else:
+            kept[k] = v
+    return kept, dropped
+
+
+def load_state_dict_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                            ignore: Callable[[str], bool] | None = None) -> None:
+    """Strict loading with a readable error naming the first mismatched keys and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not (ignore and ignore(k))]
+    unexpected = [k for k in sd if k not in own and not (ignore and ignore(k))]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+             if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), first: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s), first: {', '.join(unexpected[:3])}")
+        if shape:
+            parts.append(f"shape mismatch: {'; '.join(shape[:3])}")
+        arch = getattr(model, "arch", type(model).__name__)
+        raise QsdError(f"{source} does not fit architecture {arch}: " + "; ".join(parts)
+                       + " (is it a checkpoint of another architecture? pass --arch)")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
