@@ -189,13 +189,13 @@ def save_qsd(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], me
     path = Path(path)
     meta = {"format_version": FORMAT_VERSION, "versions": package_versions(), **meta}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    # safetensors refuses shared storage: clone tensors that alias another one
-    seen: dict[tuple[int, int], str] = {}
+    # safetensors refuses tensors that share storage: give every later user its own copy
+    seen: set[int] = set()
     for k, v in tensors.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
-        if key in seen:
+        ptr = v.untyped_storage().data_ptr()
+        if v.numel() and ptr in seen:
             tensors[k] = v.clone()
-        seen[key] = k
+        seen.add(ptr)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, default=str)})
     return path
