@@ -177,6 +177,55 @@ def eval(model: nn.Module | str | os.PathLike | None = None, data: str = "digits
             getattr(m, "arch", "model"), "data": data, "spike_mode": spike_mode or "integer"}
 
 
+def convert(model: nn.Module | str | os.PathLike | None = None, config: Any = None, calib_loader: Any = None,
+            **options: Any) -> nn.Module:
+    """Low-bit weights + IE-LIF + calibration (see :mod:`qsdcompress.quant`); returns the converted model.
+
+    ``config``: a :class:`qsdcompress.quant.QuantConfig` or a dict; ``options`` override its fields
+    (``qsdcompress.convert(model, bits=4, ie_lif="qkv")``). The float model is left unchanged.
+    """
+    from dataclasses import replace
+
+    from .quant import QuantConfig, convert as _convert
+
+    if config is None:
+        config = QuantConfig()
+    elif isinstance(config, dict):
+        config = QuantConfig.from_dict(config)
+    if options:
+        config = replace(config, **options)
+    return _convert(resolve_model(model), config, calib_loader)
+
+
+def finetune(model: nn.Module | str | os.PathLike | None = None, teacher: str | None = None, **options: Any) -> dict:
+    """Distillation-based QAT (see :func:`qsdcompress.train.finetune`); writes ``finetuned.qsd``."""
+    from .train import finetune as _finetune
+
+    return _finetune(model, teacher=teacher, **options)
+
+
+def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+           **options: Any) -> dict:
+    """Packed low-bit ONNX export with an onnxruntime parity check (see :func:`qsdcompress.export.export`)."""
+    from .export import export as _export
+
+    return _export(model, output, **options)
+
+
+def report(model: nn.Module | str | os.PathLike | None = None, **options: Any) -> dict:
+    """Size, spike and energy report (see :func:`qsdcompress.report.report`)."""
+    from .report import report as _report
+
+    return _report(model, **options)
+
+
+def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, **options: Any) -> dict:
+    """convert -> finetune -> export -> report on the bundled model (see :mod:`qsdcompress.pipeline`)."""
+    from .pipeline import demo as _demo
+
+    return _demo(workdir, **options)
+
+
 def _device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,5 +237,5 @@ def _device(device: str) -> torch.device:
         raise QsdError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
 
 
-__all__ = ["load", "save", "eval", "bundled_model", "model_meta", "guess_arch", "resolve_model",
+__all__ = ["load", "save", "eval", "convert", "finetune", "export", "report", "demo", "bundled_model", "model_meta", "guess_arch", "resolve_model",
            "data_config", "DEFAULT_WORKDIR"]

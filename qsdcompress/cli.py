@@ -150,11 +150,328 @@ def eval_cmd(model: str | None, arch: str | None, checkpoint: Path | None, data:
 
 # --- convert (qsdcompress/quant.py) ---
 
+
+def _show_convert(r: dict) -> None:
+    from rich.table import Table
+
+    from .ui import console
+
+    t = Table(title=f"convert: {r.get('arch')} -> {r['output']}")
+    t.add_column("weight bits", justify="right")
+    t.add_column("layers", justify="right")
+    t.add_column("parameters", justify="right")
+    for bits, e in r["layers_per_bits"].items():
+        t.add_row("float32" if int(bits) >= 32 else str(bits), str(e["layers"]), f"{e['params']:,}")
+    console.print(t)
+    s = Table(show_header=False)
+    s.add_column()
+    s.add_column(justify="right")
+    s.add_row("IE-LIF neurons", str(r["neurons_replaced"]))
+    s.add_row("parameters", f"{r['parameters']:,}")
+    s.add_row("size (theoretical)", f"{r['size_bytes'] / 1e6:.3f} MB  ({r['compression']}x smaller than float32 "
+              f"{r['float_size_bytes'] / 1e6:.3f} MB)")
+    s.add_row("size (paper convention)", f"{r['size_mb_paper']} MB vs {r['float_size_mb_paper']} MB")
+    if r.get("top1_before") is not None:
+        s.add_row(f"top-1 on {r['top1_data']} test", f"{r['top1_before'] * 100:.2f}% -> {r['top1_after'] * 100:.2f}%")
+    s.add_row("time", f"{r['convert_seconds']} s")
+    console.print(s)
+
+
+@main.command("convert", context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--bits", default="4", show_default=True, help="Weight bits, 1-8 (1 = sign with a per-channel scale).")
+@click.option("--layer-bits", multiple=True, metavar="GLOB=BITS",
+              help="Per-layer bits by module-name glob, repeatable (last match wins), e.g. 'head=8'.")
+@click.option("--first-last-bits", default=None, help="Bits of the first conv and the head.")
+@click.option("--skip", multiple=True, metavar="GLOB", help="Keep matching layers float, repeatable.")
+@click.option("--scale-init", type=click.Choice(["mse", "lsq", "absmax"]), default="mse", show_default=True,
+              help="mse: per-channel step minimising the weight error; lsq: 2 mean|w|/sqrt(Qp); absmax: no clipping.")
+@click.option("--ie-lif", type=click.Choice(["qkv", "attention", "all", "none"]), default="qkv", show_default=True,
+              help="Which neurons become IE-LIF: q/k/v, also the attention neuron, every neuron, or none.")
+@click.option("--ie-lif-init", type=click.Choice(["identity", "rectify"]), default="identity", show_default=True,
+              help="identity: reproduce the replaced neuron exactly; rectify: gamma 0.25, beta 0.5.")
+@click.option("--calib-data", default="digits", show_default=True,
+              help="Calibration images (no labels needed): digits | synthetic[:N] | cifar10:DIR | an ImageFolder.")
+@click.option("--calib-batches", type=click.IntRange(0), default=8, show_default=True)
+@click.option("--calib-batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output .qsd (default: WORKDIR/converted.qsd).")
+@click.option("--no-eval", is_flag=True, help="Skip the top-1 before/after evaluation.")
+@workdir_option
+@json_option
+def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first_last_bits: str | None,
+                skip: tuple[str, ...], scale_init: str, ie_lif: str, ie_lif_init: str, calib_data: str,
+                calib_batches: int, calib_batch_size: int, arch: str | None, output: Path | None, no_eval: bool,
+                workdir: Path, as_json: bool) -> None:
+    """Low-bit weights + IE-LIF neurons: MODEL (default: the bundled digits model) -> WORKDIR/converted.qsd.
+
+    MODEL is a .qsd file or a reference checkpoint (a reference LSQ checkpoint keeps its 4-bit steps).
+
+    \b
+    Examples:
+      qsdcompress convert --bits 4
+      qsdcompress convert --bits 4 --first-last-bits 8 --layer-bits 'block3.*.mlp.*=2'
+      qsdcompress convert 8_512.pth --arch spikformer_8_512_CAFormer --calib-data /data/imagenet
+    """
+    from .quant import QuantConfig, parse_bits, parse_layer_bits, run_convert
+
+    cfg = QuantConfig(bits=parse_bits(bits), layer_bits=parse_layer_bits(layer_bits),
+                      first_last_bits=parse_bits(first_last_bits, "--first-last-bits") if first_last_bits else None,
+                      skip=list(skip), scale_init=scale_init, ie_lif=ie_lif, ie_lif_init=ie_lif_init,
+                      calib_data=calib_data, calib_batches=calib_batches, calib_batch_size=calib_batch_size)
+    r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval)
+    emit(r, as_json, _show_convert)
+
 # --- finetune (qsdcompress/distill.py, qsdcompress/train.py) ---
+
+def _show_finetune(r: dict) -> None:
+    from rich.table import Table
+
+    from .ui import console
+
+    t = Table(title=f"finetune -> {r['output']} (teacher {r.get('teacher')})")
+    for c in ("epoch", "loss", "ce", "kd", "fgd", "val top1", "img/s"):
+        t.add_column(c, justify="right")
+    for h in r.get("history", []):
+        t.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{h['ce']:.4f}", f"{h['kd']:.4f}", f"{h['fgd']:.4f}",
+                  f"{h['val_top1'] * 100:.2f}%", str(h.get("images_per_s")))
+    console.print(t)
+    console.print(f"kept epoch {r['best_epoch']} ({r['kept']}): top-1 {r['top1'] * 100:.2f}% "
+                  f"in {r['seconds']:.0f}s; metrics: {r['metrics_csv']}")
+
+
+def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None or value == "":
+        return None
+    try:
+        return [int(v) for v in str(value).replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise click.BadParameter("give comma-separated teacher layer indices, e.g. 2,5,8,11") from None
+
+
+@main.command("finetune", context_settings=CONTEXT)
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML/JSON file of options (e.g. recipes/digits-tiny-w4.yaml); the command line wins.")
+@click.option("--teacher", default="ann", show_default=True,
+              help="ann (counterpart ANN), vit_digits (bundled ViT), a timm name or alias "
+                   "(vit_base, deit_small, caformer_b36, ...) or a .qsd file.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="Teacher weights (timm/HF .pth/.bin/.safetensors or .qsd); needed offline.")
+@click.option("--data", default="digits", show_default=True,
+              help="digits | synthetic[:N] | cifar10:DIR | cifar100:DIR | an ImageFolder directory.")
+@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Total optimizer steps (overrides --epochs).")
+@click.option("--limit-train-batches", type=click.IntRange(1), default=None, help="At most this many batches per epoch.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Per process.")
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--scale-lr", type=float, default=1e-3, show_default=True,
+              help="Learning rate of quantizer scales and IE-LIF parameters.")
+@click.option("--min-lr", type=float, default=1e-6, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(0), default=5, show_default=True)
+@click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Gradient norm clip (0: off).")
+@click.option("--opt", default="adamw", show_default=True, help="timm optimizer name.")
+@click.option("--lambda-kd", type=float, default=1.0, show_default=True, help="Weight of logit KD.")
+@click.option("--tau", type=float, default=1.0, show_default=True, help="KD temperature.")
+@click.option("--lambda-fgd", type=float, default=1.0, show_default=True, help="Weight of fine-grained distillation.")
+@click.option("--fgd-layers", callback=_int_list, default=None,
+              help="Teacher layer for each student attention block, comma-separated (default: uniform map).")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
+              help="Mixed precision on CUDA (CPU always runs fp32).")
+@click.option("--ema/--no-ema", default=False, show_default=True, help="Keep an EMA of the weights.")
+@click.option("--ema-decay", type=float, default=0.999, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=click.IntRange(0), default=0, show_default=True,
+              help="Also checkpoint every N steps (a checkpoint is always written each epoch).")
+@click.option("--resume", is_flag=False, flag_value="auto", default=None,
+              help="Continue the run in --run-dir (or from the checkpoint PATH given).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Checkpoints, metrics.csv and config (default: WORKDIR/finetune).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output .qsd (default: WORKDIR/finetuned.qsd).")
+@click.option("--eval-batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--eval-max-batches", type=click.IntRange(1), default=None)
+@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (torch.set_num_threads).")
+@workdir_option
+@json_option
+@click.pass_context
+def finetune_cmd(ctx: click.Context, model: Path | None, recipe: Path | None, as_json: bool, **opts: Any) -> None:
+    """Distillation-based quantization-aware finetuning of a converted model.
+
+    Loss: CE + lambda_kd tau^2 KL(teacher || student) + lambda_fgd FGD (token-similarity of the
+    student's q/k/v spikes and the teacher's attention projections). MODEL defaults to
+    WORKDIR/converted.qsd; writes WORKDIR/finetuned.qsd. Works under torchrun (DDP).
+
+    \b
+    Examples:
+      qsdcompress convert --bits 4 && qsdcompress finetune --teacher ann
+      qsdcompress finetune --teacher vit_digits --lambda-kd 0.5
+      qsdcompress finetune --recipe recipes/digits-tiny-w4.yaml --epochs 2
+      torchrun --nproc-per-node 8 -m qsdcompress.cli finetune --recipe recipes/imagenet-qsd-8_512-w4.yaml
+      qsdcompress finetune --resume        # continue a killed run
+    """
+    from .config import FinetuneConfig, read_recipe
+    from .train import checkpoint_options, checkpoint_path, run_finetune
+
+    values: dict[str, Any] = {}
+    if opts.get("resume"):  # --resume alone continues the run with the options it was started with
+        values.update(checkpoint_options(checkpoint_path(opts["resume"], opts["workdir"], opts["run_dir"])))
+    if recipe is not None:
+        values.update(read_recipe(recipe))
+    for name, value in opts.items():
+        src = ctx.get_parameter_source(name)
+        if name not in values or src not in (click.core.ParameterSource.DEFAULT, None):
+            values[name] = value
+    if model is not None:
+        values["model"] = model
+    for k, v in list(values.items()):
+        if isinstance(v, Path):
+            values[k] = str(v)
+    if not values.get("clip_grad"):
+        values["clip_grad"] = None
+    cfg = FinetuneConfig.from_dict(values)
+    _, result = run_finetune(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit(result, as_json, _show_finetune)
+
 
 # --- export and report (qsdcompress/export.py, qsdcompress/report.py) ---
 
+
+def _show_export(r: dict) -> None:
+    from rich.table import Table
+
+    from .ui import console
+
+    t = Table(title=f"export: {r['output']}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("file bytes", f"{r['file_bytes']:,}")
+    t.add_row("params*bits/8 (quantized weights at b bits, rest float32)", f"{r['weight_bits_bytes']:,}")
+    t.add_row("file / params*bits/8", f"{r['file_vs_weight_bits']:.3f}x")
+    t.add_row("weight storage", ", ".join(f"{k} x{v}" for k, v in r["initializers"].items()) + f" (opset {r['opset']})")
+    t.add_row(f"max |logit diff| ({r['parity_samples']} images)", f"{r['max_abs_diff']:.3g}")
+    t.add_row("images differing (spike flips at .5)", f"{r['images_differing']} (allowed {r['images_allowed_to_differ']})")
+    t.add_row("top-1 agreement", f"{r['top1_agreement'] * 100:.2f}%")
+    console.print(t)
+
+
+@main.command("export", context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="ONNX file to write (default: WORKDIR/model.onnx).")
+@click.option("--data", default="digits", show_default=True, help="Images for the parity check (a data spec).")
+@click.option("--parity-samples", type=click.IntRange(1), default=64, show_default=True,
+              help="Images compared between onnxruntime and PyTorch.")
+@click.option("--int2/--no-int2", default=True, show_default=True,
+              help="Store weights of <= 2 bits as INT2 (opset 25); --no-int2 stores them as INT4 (opset 21).")
+@click.option("--rtol", type=float, default=1e-4, show_default=True,
+              help="An image matches when max |logit diff| <= rtol * max(1, max |logit|).")
+@workdir_option
+@json_option
+def export_cmd(model: str | None, output: Path | None, data: str, parity_samples: int, int2: bool, rtol: float,
+               workdir: Path, as_json: bool) -> None:
+    """Export MODEL to ONNX with packed low-bit weights and check it with onnxruntime.
+
+    MODEL defaults to the newest .qsd in WORKDIR (else the bundled model). BatchNorm and IE-LIF
+    are folded into the convolutions, b-bit weights are stored as INT4 (b <= 4), INT2 (b <= 2)
+    or INT8 with a per-channel scale, and spikes are plain ONNX ops. The export fails (and
+    writes nothing) when onnxruntime disagrees with PyTorch beyond tolerance.
+
+    \b
+    Examples:
+      qsdcompress export
+      qsdcompress export qsdcompress-out/finetuned.qsd -o model4.onnx --json
+      qsdcompress eval qsdcompress-out/model.onnx
+    """
+    from .export import export
+
+    r = export(model, output, workdir=workdir, data=data, parity_samples=parity_samples, int2=int2, rtol=rtol)
+    emit(r, as_json, _show_export)
+
+
+@main.command("report", context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--data", default="digits", show_default=True, help="Images the firing rates are measured on.")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--batches", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report in --format to this file.")
+@click.option("--energy-table", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON or YAML with e_mac_pj, e_ac32_pj, attention_bits, source (defaults: method.md).")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write PNG plots (firing rate, q/k/v spike levels, energy per layer) here.")
+@click.option("--no-float", is_flag=True, help="Skip the float comparison row.")
+@workdir_option
+@json_option
+def report_cmd(model: str | None, data: str, split: str, batches: int, batch_size: int, fmt: str,
+               output: Path | None, energy_table: Path | None, plot_dir: Path | None, no_float: bool,
+               workdir: Path, as_json: bool) -> None:
+    """Size, spikes and energy of MODEL per layer, with the float model for comparison.
+
+    MODEL defaults to the newest .qsd in WORKDIR (else the bundled model); WORKDIR/model.onnx,
+    when present, adds its on-disk size. The energy table is printed with every report.
+
+    \b
+    Examples:
+      qsdcompress report
+      qsdcompress report --format markdown -o report.md --plot plots/
+      qsdcompress report --energy-table my_energy.yaml --json
+    """
+    from .io import atomic_write_text
+    from .report import plot, render, report, show
+    from .ui import console
+
+    r = report(model, workdir=workdir, data=data, split=split, batches=batches, batch_size=batch_size,
+               energy_table=energy_table, compare_float=not no_float)
+    if plot_dir is not None:
+        r["plots"] = plot(r, plot_dir)
+    if output is not None:
+        atomic_write_text(output, render(r, fmt))
+        r["output"] = str(output)
+    if as_json:
+        emit(r, True)
+    elif output is None:
+        if fmt == "table":
+            show(r)
+        else:
+            click.echo(render(r, fmt), nl=False)
+    else:
+        console.print(f"report written to {output} ({fmt})")
+        for line in render(r, "table").splitlines()[-12:]:
+            console.print(line)
+
 # --- demo ---
+
+
+@main.command("demo", context_settings=CONTEXT)
+@click.option("--bits", type=click.IntRange(1, 8), default=4, show_default=True, help="Weight bits.")
+@click.option("--teacher", default="ann", show_default=True,
+              help="Teacher for finetuning: ann (the bundled counterpart ANN) or vit_digits.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Finetuning epochs (default: the finetune default).")
+@workdir_option
+@json_option
+def demo_cmd(bits: int, teacher: str, epochs: int | None, workdir: Path, as_json: bool) -> None:
+    """The whole pipeline on the bundled digits model, in a few minutes on a laptop CPU.
+
+    convert (W4 + IE-LIF) -> finetune (ANN teacher, KD + fine-grained distillation) -> export
+    (packed ONNX, checked with onnxruntime) -> report, ending with one table: float vs converted
+    vs finetuned vs ONNX (top-1, size, SOPs, energy). Outputs stay in --workdir.
+    """
+    from .pipeline import demo, show_demo
+    from .ui import console
+
+    r = demo(workdir=workdir, bits=bits, teacher=teacher, epochs=epochs,
+             on_stage=lambda s: console.print(f"[bold cyan]{s}[/]"))
+    emit(r, as_json, show_demo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -233,7 +233,7 @@ def apply_planes(planes: torch.Tensor, layer: Callable[[torch.Tensor], torch.Ten
     assert out is not None
     bias = _bias_of(layer)
     if bias is not None and planes.shape[0] > 1:
-        if out.dim() > 2:
+        if out.dim() > 2 and not isinstance(layer, nn.Linear):  # conv: channels on dim 1
             shape = [1, -1] + [1] * (out.dim() - 2)
             out = out - (planes.shape[0] - 1) * bias.view(shape)
         else:
@@ -267,3 +267,104 @@ __all__ = [
     "spike_layer", "apply_planes", "round_half_up", "quant_spike", "information_entropy",
     "SPIKE_MODES", "NEURON_KINDS",
 ]
+
+
+def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel vector shaped to broadcast over ``x`` of shape ``(T, B, C, ...)``."""
+    return v.view(1, 1, -1, *([1] * (x.dim() - 3)))
+
+
+class IELIF(Neuron):
+    """Information-enhanced integer neuron (IE-LIF, method.md section 4).
+
+    Rectifies the membrane potential per channel before firing, so the integer spikes use all
+    ``D + 1`` levels instead of piling up at 0 and D::
+
+        u_hat = gamma * (u - mu) / sqrt(var + eps) + beta
+        S     = round_half_up(clamp(D * u_hat, 0, D))      (straight-through gradient)
+
+    ``mu``/``var`` are batch statistics in training and running averages in eval, exactly as in
+    BatchNorm (``momentum``, ``eps``; ``momentum=None`` is a cumulative average). ``gamma > 0`` is
+    kept positive by clamping at ``gamma_min`` in the forward pass (a raw parameter, so it can
+    hold the exact ``sqrt(var + eps)`` that makes the neuron an identity). The channel dimension is
+    dim 2 of ``(T, B, C, ...)``. Like the multi-spike neuron it replaces, it fires from each time
+    step's own input (the T=1 setting of QSD). In eval mode ``u_hat = a * u + c`` is affine and
+    :meth:`fold` returns ``(a, c)`` to fold into the preceding BatchNorm.
+    """
+
+    gamma_min = 1e-4
+
+    def __init__(self, num_features: int, levels: int = 4, out_scale: float | None = None,
+                 momentum: float | None = 0.1, eps: float = 1e-5, gamma: float = 0.25, beta: float = 0.5):
+        super().__init__(levels, out_scale)
+        self.num_features = int(num_features)
+        self.momentum = momentum
+        self.eps = float(eps)
+        self.gamma = nn.Parameter(torch.full((self.num_features,), float(gamma)))
+        self.beta = nn.Parameter(torch.full((self.num_features,), float(beta)))
+        self.register_buffer("running_mean", torch.zeros(self.num_features))
+        self.register_buffer("running_var", torch.ones(self.num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def set_identity(self) -> None:
+        """gamma = sqrt(running_var + eps), beta = running_mean: in eval ``u_hat == u`` bit for bit."""
+        with torch.no_grad():
+            self.gamma.copy_(torch.sqrt(self.running_var + self.eps))
+            self.beta.copy_(self.running_mean)
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode affine ``u_hat = a * u + c`` per channel (running statistics)."""
+        a = self.gamma.clamp_min(self.gamma_min) / torch.sqrt(self.running_var + self.eps)
+        return a, self.beta - a * self.running_mean
+
+    def _batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = [d for d in range(x.dim()) if d != 2]
+        n = x.numel() // x.shape[2]
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        if self.training and n > 1:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        return mean, var
+
+    def rectify(self, x: torch.Tensor) -> torch.Tensor:
+        """``u_hat`` for membrane input ``x`` of shape ``(T, B, C, ...)``."""
+        if x.dim() < 3 or x.shape[2] != self.num_features:
+            raise ValueError(f"IE-LIF expects (T, B, {self.num_features}, ...), got {tuple(x.shape)}")
+        if self.training:
+            mean, var = self._batch_stats(x)
+            g = self.gamma.clamp_min(self.gamma_min)
+            return (_channel_view(g, x) * (x - _channel_view(mean, x)) / torch.sqrt(_channel_view(var, x) + self.eps)
+                    + _channel_view(self.beta, x))
+        a, c = self.fold()
+        return x * _channel_view(a, x) + _channel_view(c, x)
+
+    def spike_count(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_spike(self.rectify(x) * self.levels, self.levels)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, levels={self.levels}, out_scale={self.out_scale:g}, eps={self.eps:g}, " \
+               f"momentum={self.momentum}, spike_mode={self.spike_mode}"
+
+
+class AffineMultiSpike(Neuron):
+    """Multi-spike neuron with a fixed per-channel affine input ``a * x + c`` (channel dim 2).
+
+    What an eval-mode :class:`IELIF` becomes when no BatchNorm directly precedes it to fold into.
+    """
+
+    def __init__(self, num_features: int, levels: int = 4, out_scale: float | None = None):
+        super().__init__(levels, out_scale)
+        self.num_features = int(num_features)
+        self.register_buffer("scale", torch.ones(self.num_features))
+        self.register_buffer("shift", torch.zeros(self.num_features))
+
+    def spike_count(self, x: torch.Tensor) -> torch.Tensor:
+        u = x * _channel_view(self.scale, x) + _channel_view(self.shift, x)
+        return quant_spike(u * self.levels, self.levels)
+
+
+__all__ += ["IELIF", "AffineMultiSpike"]

@@ -1,0 +1,399 @@
+"""Distillation for quantization-aware finetuning (method.md section 5).
+
+* Teachers: the counterpart ANN of the student's topology (``ann``), any timm model by name or
+  short alias (``vit_base``, ``deit_small``, ``caformer_b36``, ...), the bundled digits ViT
+  (``vit_digits``) or a ``.qsd`` file. A teacher is frozen, in eval mode, and gets the batch
+  re-sized and re-normalised to its own input configuration. It is never silently random: without
+  weights (and offline) it is an error.
+* Fine-grained distillation (FGD): token-similarity matrices of the student's q/k/v spikes (after
+  IE-LIF) against the teacher's attention projections, which do not depend on channel width.
+* Logit KD: ``tau^2 * KL(p_teacher^tau || p_student^tau)``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import DataConfig, resize_batch
+from .errors import QsdError
+
+# --- the bundled cross-architecture teacher -------------------------------------------------------
+
+VIT_DIGITS_PATH = Path(__file__).resolve().parent / "zoo" / "vit_digits.safetensors"
+#: timm ``VisionTransformer`` arguments of the bundled digits teacher: patch 4 on 32x32 gives the
+#: same 8x8 token grid as ``qsd_tiny`` (plus a class token).
+VIT_DIGITS_ARGS: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                                       mlp_ratio=2.0, num_classes=10, global_pool="token")
+_VIT_DIGITS_CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                   "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": 10}
+
+
+def build_vit_digits() -> nn.Module:
+    """An untrained timm VisionTransformer with the bundled digits teacher's shape."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    m = VisionTransformer(**VIT_DIGITS_ARGS)
+    m.pretrained_cfg = dict(_VIT_DIGITS_CFG)
+    return m
+
+
+#: short names for common timm teachers
+TEACHER_ALIASES: dict[str, str] = {
+    "vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224",
+    "deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224", "deit3_base": "deit3_base_patch16_224",
+    "caformer_s18": "caformer_s18", "caformer_s36": "caformer_s36", "caformer_m36": "caformer_m36",
+    "caformer_b36": "caformer_b36",
+}
+
+
+# --- q/k/v capture ------------------------------------------------------------------------------
+
+def tokens_from_spikes(s: torch.Tensor) -> torch.Tensor:
+    """Neuron output ``(T, B, C, H, W)`` -> ``(B, N, C)``: mean over T, tokens in raster order."""
+    return s.float().mean(0).flatten(2).transpose(1, 2)
+
+
+def resize_tokens(x: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a ``(B, N, C)`` token grid ``src_grid`` (h, w) to ``dst_grid``."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return x
+    b, n, c = x.shape
+    g = x.transpose(1, 2).reshape(b, c, *src_grid)
+    g = F.interpolate(g, size=tuple(dst_grid), mode="bilinear", align_corners=False)
+    return g.flatten(2).transpose(1, 2)
+
+
+def _grid_of(n: int) -> tuple[int, int]:
+    s = int(round(math.sqrt(n)))
+    if s * s != n:
+        raise QsdError(f"cannot tell the token grid of {n} tokens (not a square); FGD needs a 2-D grid")
+    return s, s
+
+
+class QKVCapture:
+    """Forward hooks collecting q/k/v as ``(B, N, C)`` per attention block, in forward order.
+
+    ``snn`` style: hooks on ``attn.q_lif/k_lif/v_lif`` of each attention block (spike-driven
+    models and their counterpart ANN; IE-LIF keeps those names). ``timm`` style: hooks on every
+    ``qkv`` linear layer; its output is split into q, k, v, prefix tokens are dropped.
+    """
+
+    def __init__(self, model: nn.Module, style: str, prefix_tokens: int = 0):
+        self.style = style
+        self.prefix_tokens = prefix_tokens
+        self.handles: list[Any] = []
+        self.store: dict[int, dict[str, torch.Tensor]] = {}
+        self.grids: dict[int, tuple[int, int]] = {}
+        self.enabled = True
+        if style == "snn":
+            blocks = list(getattr(model, "attention_blocks", []))
+            if not blocks:
+                raise QsdError(f"{type(model).__name__} has no spike-driven attention blocks for FGD")
+            for i, blk in enumerate(blocks):
+                for z in ("q", "k", "v"):
+                    mod = getattr(blk.attn, f"{z}_lif")
+                    self.handles.append(mod.register_forward_hook(self._snn_hook(i, z)))
+            self.num_layers = len(blocks)
+        elif style == "timm":
+            layers = [m for n, m in model.named_modules()
+                      if n.split(".")[-1] == "qkv" and isinstance(m, nn.Linear)]
+            if not layers:
+                raise QsdError(f"teacher {type(model).__name__} has no attention 'qkv' projections; "
+                               f"use --lambda-fgd 0 (logit KD only) or a ViT/DeiT/CAFormer teacher")
+            for i, m in enumerate(layers):
+                self.handles.append(m.register_forward_hook(self._timm_hook(i)))
+            self.num_layers = len(layers)
+        else:
+            raise ValueError(f"unknown capture style {style!r}")
+
+    def _snn_hook(self, i: int, z: str) -> Callable:
+        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            if self.enabled:
+                self.store.setdefault(i, {})[z] = tokens_from_spikes(out)
+                self.grids[i] = (int(out.shape[-2]), int(out.shape[-1]))
+        return hook
+
+    def _timm_hook(self, i: int) -> Callable:
+        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            if not self.enabled:
+                return
+            out = out.float()
+            if out.dim() == 4:  # MetaFormer attention runs on (B, H, W, 3C)
+                grid = (int(out.shape[1]), int(out.shape[2]))
+                out = out.flatten(1, 2)
+            else:
+                out = out[:, self.prefix_tokens:]
+                grid = _grid_of(out.shape[1])
+            q, k, v = out.chunk(3, dim=-1)
+            self.store[i] = {"q": q, "k": k, "v": v}
+            self.grids[i] = grid
+        return hook
+
+    def pop(self) -> list[dict[str, torch.Tensor]]:
+        """The captured layers of the last forward, in order; clears the store."""
+        out = [self.store[i] for i in sorted(self.store)]
+        self.store = {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+def similarity(x: torch.Tensor) -> torch.Tensor:
+    """``G(X) = row_l2_normalise(X X^T)`` for ``X`` of shape ``(B, N, C)`` -> ``(B, N, N)``."""
+    x = x.float()
+    return F.normalize(x @ x.transpose(1, 2), p=2, dim=-1)
+
+
+def layer_map(num_student: int, num_teacher: int, override: Sequence[int] | None = None) -> list[int]:
+    """Teacher layer for each student layer: ``m(l) = round((l + 1) L_A / L_S) - 1`` (round half up).
+
+    ``override`` (``--fgd-layers``) gives the teacher index of every student layer explicitly.
+    """
+    if override is not None and len(override) > 0:
+        override = [int(v) for v in override]
+        if len(override) != num_student:
+            raise QsdError(f"--fgd-layers has {len(override)} entries; the student has {num_student} "
+                           f"attention blocks")
+        bad = [v for v in override if not 0 <= v < num_teacher]
+        if bad:
+            raise QsdError(f"--fgd-layers {bad}: the teacher has attention layers 0..{num_teacher - 1}")
+        return override
+    out = []
+    for l in range(num_student):
+        m = math.floor((l + 1) * num_teacher / num_student + 0.5) - 1
+        out.append(min(max(m, 0), num_teacher - 1))
+    return out
+
+
+def fgd_loss(student: Sequence[dict[str, torch.Tensor]], teacher: Sequence[dict[str, torch.Tensor]],
+             mapping: Sequence[int], student_grid: tuple[int, int] | None = None,
+             teacher_grids: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+    """``mean_{l, z in q,k,v} ||G(z_s^l) - G(z_A^m(l))||_F^2 / N`` (also averaged over the batch).
+
+    Teacher tokens on another grid are resized bilinearly to the student grid first.
+    """
+    terms = []
+    for l, feats in enumerate(student):
+        tf = teacher[mapping[l]]
+        for z in ("q", "k", "v"):
+            s, t = feats[z], tf[z].detach()
+            n = s.shape[1]
+            if t.shape[1] != n:
+                src = teacher_grids[mapping[l]] if teacher_grids is not None else _grid_of(t.shape[1])
+                dst = student_grid if student_grid is not None else _grid_of(n)
+                t = resize_tokens(t, src, dst)
+            d = similarity(s) - similarity(t)
+            terms.append(d.pow(2).sum(dim=(1, 2)).mean() / n)
+    if not terms:
+        raise QsdError("FGD found no student attention layers")
+    return torch.stack(terms).mean()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """``tau^2 * KL(p_teacher^tau || p_student^tau)``, averaged over the batch."""
+    log_ps = F.log_softmax(student_logits.float() / tau, dim=-1)
+    log_pt = F.log_softmax(teacher_logits.float().detach() / tau, dim=-1)
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * tau * tau
+
+
+# --- teachers -----------------------------------------------------------------------------------
+
+class Teacher(nn.Module):
+    """A frozen teacher with its own input configuration and q/k/v capture.
+
+    ``forward(x, student_data_config)`` returns ``(logits, qkv_layers, grids)`` without gradients.
+    """
+
+    def __init__(self, model: nn.Module, name: str, style: str, data_config: DataConfig,
+                 capture: bool = True):
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.name = name
+        self.style = style
+        self.data_config = data_config
+        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+        self.capture = QKVCapture(model, style, int(getattr(model, "num_prefix_tokens", 0) or 0)) \
+            if capture else None
+        self.train(False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.capture.num_layers if self.capture is not None else 0
+
+    def train(self, mode: bool = True) -> "Teacher":  # frozen: always eval
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, student_cfg: DataConfig):  # type: ignore[override]
+        if (tuple(student_cfg.input_size) != tuple(self.data_config.input_size)
+                or tuple(student_cfg.mean) != tuple(self.data_config.mean)
+                or tuple(student_cfg.std) != tuple(self.data_config.std)):
+            x = resize_batch(x, student_cfg, self.data_config)
+        logits = self.model(x)
+        if self.capture is None:
+            return logits, [], []
+        layers = self.capture.pop()
+        grids = [self.capture.grids[i] for i in range(len(layers))]
+        return logits, layers, grids
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "QSDCOMPRESS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the Hugging Face hub, so offline machines fail in seconds, not after
+    the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_weights(model: nn.Module, path: str | os.PathLike, what: str) -> None:
+    from .io import load_state_dict_checked, read_checkpoint, strip_quant_extras
+
+    sd, _ = read_checkpoint(Path(path))
+    sd, _ = strip_quant_extras(sd)
+    load_state_dict_checked(model, sd, source=f"{what} {path}")
+
+
+def counterpart_ann(student: nn.Module, checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """The ANN with the student's topology (neurons -> clamped ReLU) and trained weights.
+
+    Weights come from ``checkpoint``; for ``qsd_tiny`` students without one, the bundled digits
+    ANN. Never returned untrained.
+    """
+    from .models import create_model
+
+    arch = getattr(student, "arch", None)
+    if arch is None or not hasattr(student, "cfg"):
+        raise QsdError("--teacher ann needs a spike-driven student (its architecture names the ANN)")
+    cfg = {**student.cfg.to_dict(), "neuron": "relu"}
+    if checkpoint is not None:
+        ann = create_model(arch, **cfg)
+        _load_weights(ann, checkpoint, "teacher checkpoint")
+    elif arch == "qsd_tiny":
+        from .api import bundled_model
+        from .zoo import bundled_path
+
+        if not bundled_path(ann=True).exists():
+            raise QsdError(f"bundled ANN teacher missing: {bundled_path(ann=True)} (run examples/train_bundled.py)")
+        ann = bundled_model(ann=True)
+        if ann.num_classes != student.num_classes:
+            raise QsdError(f"the bundled ANN predicts {ann.num_classes} classes, the student "
+                           f"{student.num_classes}; pass --teacher-checkpoint")
+    else:
+        raise QsdError(f"--teacher ann needs the counterpart ANN's weights for {arch}: pass "
+                       f"--teacher-checkpoint PATH (or use a timm teacher, e.g. --teacher vit_base)")
+    return ann
+
+
+def resolve_teacher_name(name: str) -> str:
+    """timm model name for a teacher name or short alias (clear error with suggestions)."""
+    import difflib
+
+    import timm
+
+    full = TEACHER_ALIASES.get(name, name)
+    base = full.split(".")[0]
+    if timm.is_model(base) or timm.is_model(full):
+        return full
+    choices = [*TEACHER_ALIASES, "ann", "vit_digits"]
+    close = difflib.get_close_matches(name, choices + timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; try one of {', '.join(choices)}"
+    raise QsdError(f"unknown teacher {name!r}{hint}")
+
+
+def timm_teacher(name: str, checkpoint: str | os.PathLike | None = None,
+                 num_classes: int | None = None) -> nn.Module:
+    """A timm model with weights from ``checkpoint`` or timm's pretrained download (online only)."""
+    import timm
+
+    full = resolve_teacher_name(name)
+    if checkpoint is not None:
+        kw = {"num_classes": num_classes} if num_classes else {}
+        model = timm.create_model(full, pretrained=False, **kw)
+        try:
+            _load_weights(model, checkpoint, "teacher checkpoint")
+        except QsdError:
+            if not kw:
+                raise
+            model = timm.create_model(full, pretrained=False)  # the checkpoint's own head size
+            _load_weights(model, checkpoint, "teacher checkpoint")
+        return model
+    if _offline() or not _hub_reachable():
+        raise QsdError(f"teacher {full}: no --teacher-checkpoint and the model hub cannot be reached "
+                       f"(offline, or HF_HUB_OFFLINE set); pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
+    try:
+        return timm.create_model(full, pretrained=True)
+    except Exception as e:  # no network, no such pretrained tag, ...
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise QsdError(f"teacher {full}: could not get pretrained weights ({msg}); the machine may be "
+                       f"offline: pass --teacher-checkpoint PATH") from None
+
+
+def vit_digits_teacher(path: str | os.PathLike | None = None) -> nn.Module:
+    """The bundled digits ViT (``examples/train_vit_teacher.py``)."""
+    path = Path(path) if path is not None else VIT_DIGITS_PATH
+    if not path.exists():
+        raise QsdError(f"bundled ViT teacher missing: {path} (run examples/train_vit_teacher.py)")
+    model = build_vit_digits()
+    _load_weights(model, path, "ViT teacher")
+    return model
+
+
+def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | None = None,
+                 capture: bool = True) -> Teacher:
+    """Build the frozen teacher named by ``spec`` for ``student``.
+
+    ``spec``: ``ann`` | ``vit_digits`` | a timm name or alias | a ``.qsd`` file.
+    """
+    from timm.data import resolve_data_config
+
+    if spec == "ann":
+        model = counterpart_ann(student, checkpoint)
+        return Teacher(model, "ann", "snn", DataConfig.from_model(model), capture)
+    if spec.lower().endswith(".qsd") or (Path(spec).suffix and Path(spec).exists()):
+        from .api import load
+
+        model = load(spec)
+        style = "snn" if hasattr(model, "attention_blocks") else "timm"
+        return Teacher(model, str(spec), style, DataConfig.from_model(model), capture)
+    if spec == "vit_digits":
+        model = vit_digits_teacher(checkpoint)
+    else:
+        model = timm_teacher(spec, checkpoint, num_classes=getattr(student, "num_classes", None))
+    dc = resolve_data_config({}, model=model)
+    cfg = DataConfig(input_size=tuple(dc["input_size"]), mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                     interpolation=dc.get("interpolation", "bicubic"), crop_pct=float(dc.get("crop_pct", 1.0)))
+    return Teacher(model, spec, "timm", cfg, capture)
+
+
+__all__ = [
+    "Teacher", "QKVCapture", "load_teacher", "counterpart_ann", "timm_teacher",
+    "vit_digits_teacher", "build_vit_digits", "resolve_teacher_name", "similarity", "layer_map",
+    "fgd_loss", "kd_loss", "tokens_from_spikes", "resize_tokens", "TEACHER_ALIASES", "VIT_DIGITS_PATH",
+    "VIT_DIGITS_ARGS",
+]

@@ -1,0 +1,261 @@
+"""Finetune loop: kill-and-resume equals an uninterrupted run, 2-process DDP, non-finite loss,
+recipes and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import qsdcompress as q
+from qsdcompress.cli import main
+from qsdcompress.config import FinetuneConfig, read_recipe
+from qsdcompress.errors import QsdError
+from qsdcompress.io import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(batch_size=16, eval_batch_size=64, eval_max_batches=1, threads=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """The bundled digits model converted to 4-bit weights with IE-LIF on q/k/v."""
+    from qsdcompress.quant import QuantConfig, convert
+
+    path = tmp_path_factory.mktemp("conv") / "converted.qsd"
+    model = convert(q.load(), QuantConfig(bits=4, calib_batches=1, scale_init="lsq"))
+    q.save(model, path, kind="converted")
+    return path
+
+
+def _workdir(tmp_path: Path, name: str, converted: Path) -> Path:
+    wd = tmp_path / name
+    wd.mkdir()
+    (wd / "converted.qsd").write_bytes(converted.read_bytes())
+    return wd
+
+
+_RUN = """
+import os, signal, sys
+from qsdcompress.config import FinetuneConfig
+from qsdcompress.train import run_finetune
+cfg = FinetuneConfig.from_json(sys.argv[1])
+kill_at = int(sys.argv[2])
+def on_checkpoint(step, path):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+run_finetune(cfg, on_checkpoint=on_checkpoint)
+"""
+
+
+def _run(cfg: FinetuneConfig, kill_at: int = -1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QSDCOMPRESS_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _RUN, cfg.to_json(), str(kill_at)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, converted):
+    opts = dict(SMALL, epochs=2, limit_train_batches=3, save_every=2, ema=True, ema_decay=0.9, seed=3)
+    full_dir = _workdir(tmp_path, "full", converted)
+    killed_dir = _workdir(tmp_path, "killed", converted)
+    r = _run(FinetuneConfig(workdir=str(full_dir), **opts))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    cfg = FinetuneConfig(workdir=str(killed_dir), **opts)
+    r = _run(cfg, kill_at=4)  # step 4 is inside epoch 2 (3 steps per epoch)
+    assert r.returncode == -9, r.stderr[-2000:]
+    ckpt = torch.load(killed_dir / "finetune" / "checkpoint.pt", weights_only=True)
+    assert ckpt["progress"] == {"step": 4, "epoch": 1, "batch": 1}
+    assert not (killed_dir / "finetuned.qsd").exists()
+
+    cfg.resume = "auto"
+    r = _run(cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    a, meta_a = read_checkpoint(full_dir / "finetuned.qsd")
+    b, meta_b = read_checkpoint(killed_dir / "finetuned.qsd")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    inp, _ = read_checkpoint(converted)
+    assert any(not torch.equal(inp[k], a[k]) for k in a if k in inp)  # training changed the weights
+    assert meta_a["finetune"]["top1"] == meta_b["finetune"]["top1"]
+    assert meta_a["finetune"]["steps"] == meta_b["finetune"]["steps"] == 6
+    csv_a = (full_dir / "finetune" / "metrics.csv").read_text().splitlines()
+    csv_b = (killed_dir / "finetune" / "metrics.csv").read_text().splitlines()
+    drop = csv_a[0].split(",").index("images_per_s")  # wall-clock speed differs, the rest must not
+
+    def strip(rows):
+        return [[c for i, c in enumerate(row.split(",")) if i != drop] for row in rows]
+
+    assert strip(csv_a) == strip(csv_b) and len(csv_a) == 3
+
+
+_DDP = """
+import json, os, sys, torch
+from qsdcompress.config import FinetuneConfig
+from qsdcompress.train import run_finetune
+cfg = FinetuneConfig.from_json(sys.argv[1])
+model, result = run_finetune(cfg)
+rank = os.environ["RANK"]
+torch.save(model.state_dict(), os.path.join(sys.argv[2], f"rank{rank}.pt"))
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+    json.dump({k: v for k, v in result.items() if k != "history"}, f)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, converted):
+    wd = _workdir(tmp_path, "ddp", converted)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    cfg = FinetuneConfig(workdir=str(wd), steps=2, **{**SMALL, "batch_size": 8})
+    env = {**os.environ, "QSDCOMPRESS_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "ddp_script.py"
+    script.write_text(_DDP)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), cfg.to_json(), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s0 = torch.load(out / "rank0.pt", weights_only=True)
+    s1 = torch.load(out / "rank1.pt", weights_only=True)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    inp, _ = read_checkpoint(converted)
+    assert any(not torch.equal(inp[k], s0[k]) for k in s0 if k in inp)
+    res = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert res[0]["world_size"] == res[1]["world_size"] == 2 and res[0]["steps"] == 2
+    saved, _ = read_checkpoint(wd / "finetuned.qsd")  # written once, by rank 0
+    for k in s0:
+        assert torch.equal(saved[k], s0[k]), k
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, converted, monkeypatch):
+    import qsdcompress.train as train
+
+    calls = {"n": 0}
+    real = train.kd_loss
+
+    def poisoned(s, t, tau=1.0):
+        calls["n"] += 1
+        out = real(s, t, tau)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(train, "kd_loss", poisoned)
+    wd = _workdir(tmp_path, "nan", converted)
+    cfg = FinetuneConfig(workdir=str(wd), steps=4, save_every=1, lambda_fgd=0.0, **{**SMALL, "batch_size": 8})
+    with pytest.raises(QsdError, match="non-finite loss at step 3"):
+        train.run_finetune(cfg)
+    ckpt = torch.load(wd / "finetune" / "checkpoint.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (wd / "finetuned.qsd").exists()
+
+
+def test_quantizer_scales_and_ie_lif_get_their_own_learning_rate(converted):
+    from qsdcompress.neurons import IELIF
+    from qsdcompress.train import build_optimizer
+
+    model = q.load(converted)
+    cfg = FinetuneConfig(lr=1e-4, scale_lr=3e-3)
+    opt = build_optimizer(model, cfg)
+    by_id = {id(p): g for g in opt.param_groups for p in g["params"]}
+    scales = [p for n, p in model.named_parameters() if "scaling_impl" in n]
+    ie = [p for m in model.modules() if isinstance(m, IELIF) for p in m.parameters()]
+    assert scales and ie
+    for p in scales + ie:
+        assert by_id[id(p)]["lr"] == 3e-3 and by_id[id(p)]["weight_decay"] == 0.0
+    head = model.head.weight
+    assert by_id[id(head)]["lr"] == 1e-4 and by_id[id(head)]["weight_decay"] == cfg.weight_decay
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    from qsdcompress.train import rng_state, set_rng_state
+
+    state = rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_config_yaml_json_round_trip_and_shipped_recipes():
+    cfg = FinetuneConfig(teacher="vit_digits", fgd_layers=[0, 1, 2, 3], lambda_kd=0.5, ema=True, steps=7)
+    assert FinetuneConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert FinetuneConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(QsdError, match="unknown finetune option"):
+        FinetuneConfig.from_dict({"lamda_kd": 1})
+    for name in ("digits-tiny-w4.yaml", "imagenet-qsd-8_512-w4.yaml"):
+        rec = FinetuneConfig.from_dict(read_recipe(ROOT / "recipes" / name))
+        assert rec.teacher == "ann" and rec.lambda_fgd > 0 and rec.lambda_kd > 0
+    assert FinetuneConfig.from_dict(read_recipe(ROOT / "recipes" / "imagenet-qsd-8_512-w4.yaml")).amp == "bf16"
+
+
+def test_cli_recipe_command_line_wins_and_json(tmp_path, converted):
+    wd = _workdir(tmp_path, "cli", converted)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 1\nlimit-train-batches: 1\nbatch_size: 8\nlr: 0.5\nlambda_fgd: 0.25\n"
+                      "eval_max_batches: 1\nthreads: 1\n")
+    res = CliRunner().invoke(main, ["finetune", "--workdir", str(wd), "--recipe", str(recipe), "--lr", "0.0002",
+                                    "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    out = json.loads(res.stdout)
+    assert out["output"] == str(wd / "finetuned.qsd") and out["epochs"] == 1 and 0 <= out["top1"] <= 1
+    assert set(out["losses"]) == {"loss", "ce", "kd", "fgd"}
+    import yaml
+
+    resolved = yaml.safe_load((wd / "finetune" / "config.yaml").read_text())
+    assert resolved["lr"] == 0.0002 and resolved["lambda_fgd"] == 0.25 and resolved["batch_size"] == 8
+    assert "torch" in resolved["versions"]
+    header = (wd / "finetune" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"ce", "kd", "fgd", "val_top1", "images_per_s"} <= set(header)
+    m = q.load(wd / "finetuned.qsd")
+    assert m.qsd_meta["kind"] == "finetuned" and m.qsd_meta.get("quant")
+    # --resume alone continues with the run's own options (here: already finished, nothing to do)
+    res = CliRunner().invoke(main, ["finetune", "--workdir", str(wd), "--resume", "--json"])
+    assert res.exit_code == 0, res.output[-2000:]
+    again = json.loads(res.stdout)
+    assert again["epochs"] == 1 and again["steps"] == out["steps"] and again["top1"] == out["top1"]
+    resolved = yaml.safe_load((wd / "finetune" / "config.yaml").read_text())
+    assert resolved["lr"] == 0.0002 and resolved["batch_size"] == 8 and resolved["resume"] == "auto"
+
+
+def test_cli_missing_converted_model_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(main, ["finetune", "--workdir", str(tmp_path / "empty"), "--json"])
+    assert res.exit_code == 2
+    assert "run `qsdcompress convert` first" in res.output
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, converted):
+    wd = _workdir(tmp_path, "noresume", converted)
+    from qsdcompress.train import run_finetune
+
+    with pytest.raises(QsdError, match="no checkpoint to resume from"):
+        run_finetune(FinetuneConfig(workdir=str(wd), resume="auto", steps=1, **SMALL))
+
+
+def test_cross_architecture_teacher_bundled_vit(tmp_path, converted):
+    from qsdcompress.train import run_finetune
+
+    wd = _workdir(tmp_path, "vit", converted)
+    steps = []
+    model, r = run_finetune(FinetuneConfig(workdir=str(wd), teacher="vit_digits", steps=2, **{**SMALL, "batch_size": 8}),
+                            on_step=lambda s, parts: steps.append(parts))
+    assert r["teacher"] == "vit_digits" and r["steps"] == 2 and len(steps) == 2
+    assert all(p["fgd"] > 0 and p["kd"] > 0 for p in steps)
+    for p in steps:  # the total is the documented weighted sum
+        assert p["loss"] == pytest.approx(p["ce"] + p["kd"] + p["fgd"], rel=1e-5)
+    import yaml
+
+    resolved = yaml.safe_load((wd / "finetune" / "config.yaml").read_text())["resolved"]
+    assert resolved["fgd_layer_map"] == [0, 1, 2, 3]
