@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -167,6 +168,23 @@ def quant_bits(m: nn.Module) -> int:
 
 def _scale_param(m: nn.Module) -> nn.Parameter:
     return m.weight_quant.tensor_quant.scaling_impl.value
+
+
+def attach_lsq_grad_scale(model: nn.Module) -> list:
+    """LSQ gradient scaling: multiply each learned scale's gradient by ``1/sqrt(numel * Qp)``.
+
+    Brevitas applies none; without it the scales of large layers move far faster than their
+    weights. Call after any ``load_state_dict`` (which replaces the scale Parameters).
+    Returns the hook handles.
+    """
+    handles = []
+    for m in model.modules():
+        if is_quant_layer(m):
+            bits = quant_bits(m)
+            qp = max(2 ** (bits - 1) - 1, 1)
+            g = 1.0 / math.sqrt(m.weight.numel() * qp)
+            handles.append(_scale_param(m).register_hook(lambda grad, g=g: grad * g))
+    return handles
 
 
 def layer_step(m: nn.Module) -> torch.Tensor:
@@ -752,7 +770,7 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
 
 __all__ = [
     "QuantConfig", "quantize_", "convert", "layer_bits", "plan_bits", "restore_quantized", "import_reference_lsq",
-    "fold_ie_lif", "calibrate", "init_step", "make_quant_layer", "is_quant_layer", "quant_bits", "layer_step",
+    "fold_ie_lif", "attach_lsq_grad_scale", "calibrate", "init_step", "make_quant_layer", "is_quant_layer", "quant_bits", "layer_step",
     "replace_with_ie_lif", "preceding_bn", "summarize", "run_convert", "parse_bits", "parse_layer_bits",
     "SCALE_INITS", "IE_LIF_MODES", "IE_LIF_INITS", "FLOAT_BITS",
 ]

@@ -367,6 +367,9 @@ def _run(cfg: FinetuneConfig, model: nn.Module | None, di: DistInfo, on_step: Ca
     if di.world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
             student, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+    from .quant import attach_lsq_grad_scale
+
+    attach_lsq_grad_scale(student)  # after loading: load_state_dict replaces the scale Parameters
     optimizer = build_optimizer(student, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     amp_dtype, scaler = _amp_setup(cfg, di.device)

@@ -367,3 +367,28 @@ def test_top_level_convert_api(tiny_model):
     assert set(layer_bits(conv).values()) == {8}
     assert conv.qsd_quant_meta["quant"]["ie_lif"] == "attention"
     assert sum(isinstance(n, IELIF) for _, n in iter_neurons(conv)) == 16
+
+
+def test_lsq_gradient_scaling_hook():
+    import math
+
+    import torch.nn as nn
+
+    from qsdcompress.quant import QuantConfig, attach_lsq_grad_scale, quantize_
+
+    def build():
+        torch.manual_seed(0)
+        return quantize_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)),
+                         QuantConfig(bits=4, ie_lif="none", calib_batches=0))
+
+    x = torch.randn(2, 3, 8, 8)
+    plain, hooked = build(), build()
+    attach_lsq_grad_scale(hooked)
+    for m in (plain, hooked):
+        m(x).square().sum().backward()
+    for (name, a), (_, b) in zip(plain.named_modules(), hooked.named_modules()):
+        if hasattr(a, "weight_quant"):
+            pa = a.weight_quant.tensor_quant.scaling_impl.value
+            pb = b.weight_quant.tensor_quant.scaling_impl.value
+            g = 1 / math.sqrt(a.weight.numel() * 7)  # Qp = 7 at 4 bits
+            assert torch.allclose(pb.grad, pa.grad * g, rtol=1e-6, atol=0), name
