@@ -16,20 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import qsdcompress as q
-from qsdcompress.data import DataConfig, build_loader
+from qsdcompress.data import DataConfig, build_loader, random_shift
 from qsdcompress.metrics import evaluate
 from qsdcompress.zoo import BUNDLED_ANN, BUNDLED_SNN
-
-
-def shift_augment(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translation by up to ``max_shift`` pixels (digits are centred 8x8 images upsampled)."""
-    pad = F.pad(x, [max_shift] * 4, mode="replicate")
-    out = torch.empty_like(x)
-    h, w = x.shape[-2:]
-    for i in range(x.shape[0]):
-        dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=g).tolist()
-        out[i] = pad[i, :, dy:dy + h, dx:dx + w]
-    return out
 
 
 def train(ann: bool, epochs: int, seed: int, lr: float, out: Path) -> dict:
@@ -51,7 +40,7 @@ def train(ann: bool, epochs: int, seed: int, lr: float, out: Path) -> dict:
     for ep in range(epochs):
         model.train()
         for x, y in train_loader:
-            x = shift_augment(x, g)
+            x = random_shift(x, g)
             loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()

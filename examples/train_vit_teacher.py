@@ -18,21 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qsdcompress.data import DataConfig, build_loader
+from qsdcompress.data import DataConfig, build_loader, random_shift
 from qsdcompress.distill import VIT_DIGITS_ARGS, VIT_DIGITS_PATH, build_vit_digits
 from qsdcompress.io import atomic_path, package_versions
 from qsdcompress.metrics import evaluate
-
-
-def shift_augment(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translation by up to ``max_shift`` pixels."""
-    pad = F.pad(x, [max_shift] * 4, mode="replicate")
-    out = torch.empty_like(x)
-    h, w = x.shape[-2:]
-    for i in range(x.shape[0]):
-        dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=g).tolist()
-        out[i] = pad[i, :, dy:dy + h, dx:dx + w]
-    return out
 
 
 def main() -> None:
@@ -62,7 +51,7 @@ def main() -> None:
     for ep in range(a.epochs):
         model.train()
         for x, y in train_loader:
-            loss = F.cross_entropy(model(shift_augment(x, g)), y, label_smoothing=0.05)
+            loss = F.cross_entropy(model(random_shift(x, g)), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

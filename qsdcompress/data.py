@@ -205,7 +205,19 @@ def resize_batch(x: torch.Tensor, src: DataConfig, dst: DataConfig) -> torch.Ten
     return (raw - m_d) / s_d
 
 
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random translation of each image by up to ``max_shift`` pixels (replicate padding): the
+    augmentation the bundled digits models were trained with."""
+    pad = F.pad(x, [max_shift] * 4, mode="replicate")
+    out = torch.empty_like(x)
+    h, w = x.shape[-2:]
+    for i in range(x.shape[0]):
+        dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+        out[i] = pad[i, :, dy:dy + h, dx:dx + w]
+    return out
+
+
 __all__: Sequence[str] = [
     "DataConfig", "build_dataset", "build_loader", "digits_dataset", "synthetic_dataset",
-    "calibration_batches", "resize_batch", "num_classes_of",
+    "calibration_batches", "resize_batch", "num_classes_of", "random_shift",
 ]
