@@ -125,11 +125,6 @@ def quantized_weight(layer: nn.Module) -> QWeight:
     return QWeight(None, None, 32, float_weight=w.double().clone())
 
 
-def layer_bits(model: nn.Module) -> dict[str, int]:
-    """Weight bits of every conv/linear layer (32 for float layers)."""
-    return {n: quantized_weight(m).bits for n, m in model.named_modules() if is_weight_layer(m)}
-
-
 # --------------------------------------------------------------------------- folding
 
 
@@ -813,5 +808,5 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
 
 
 __all__ = ["ExportConfig", "QWeight", "export", "export_module", "onnx_predictor", "onnx_metadata",
-           "check_parity", "quantized_weight", "layer_bits", "pack_signed", "newest_qsd", "weight_bytes",
+           "check_parity", "quantized_weight", "pack_signed", "newest_qsd", "weight_bytes",
            "ORT_CONFIG", "resolve_source"]
