@@ -66,7 +66,7 @@ def main() -> None:
         "convert_cpu_s (all threads)": round(cpu, 2),
         **{k: round(v, 2) for k, v in stamps.items()},
         "other_s (copy, channel probe, meta)": round(total - sum(stamps.values()), 2),
-        "ie_lif_neurons": quant.summarize(conv)["neurons_replaced"],
+        "ie_lif_neurons": len(quant.ie_lif_targets(model, "qkv")),
     }))
 
 

@@ -21,7 +21,7 @@ import torch
 os.environ.setdefault("QSDCOMPRESS_QUIET", "1")
 
 import qsdcompress as q  # noqa: E402
-from qsdcompress.export import _ort_session, export  # noqa: E402
+from qsdcompress.export import export, ort_session as _ort_session  # noqa: E402
 from qsdcompress.quant import QuantConfig, convert  # noqa: E402
 
 

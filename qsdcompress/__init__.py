@@ -5,22 +5,23 @@ Python API (the CLI is a thin layer over it)::
     import qsdcompress as q
     model = q.load()                 # bundled qsd_tiny trained on digits
     q.eval(model)                    # {'top1': ..., 'top5': ..., 'loss': ..., 'samples': ...}
+    q.export(q.convert(model, bits=4), "model.onnx")
+
+``qsdcompress.export`` and ``qsdcompress.report`` are both the subpackages of those names and
+callable as the functions (``import qsdcompress.export as m`` gives the module).
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# The submodules `export` and `report` are imported first so that the package attributes of the
-# same names end up being the API functions (a later submodule import does not rebind them).
-from . import export as _export_module, report as _report_module  # noqa: F401
-from .api import (DEFAULT_WORKDIR, bundled_model, convert, demo, eval, export, finetune, load,  # noqa: A004
-                  model_meta, report, save)
+from . import export, report  # callable modules: q.export(...) is export.export(...)
+from .api import DEFAULT_WORKDIR, bundled_model, convert, demo, eval, finetune, load, model_meta, save  # noqa: A004, F401
 from .errors import QsdError
 from .models import create_model, list_models
 from .neurons import set_spike_mode
 
+# ``eval`` is left out of ``__all__`` so that ``from qsdcompress import *`` keeps the builtin.
 __all__ = [
-    "__version__", "create_model", "list_models", "load", "save", "eval", "convert", "finetune", "export", "report",
-    "demo", "bundled_model",
-    "model_meta", "set_spike_mode", "QsdError", "DEFAULT_WORKDIR",
+    "__version__", "create_model", "list_models", "load", "save", "convert", "finetune", "export", "report",
+    "demo", "bundled_model", "model_meta", "set_spike_mode", "QsdError", "DEFAULT_WORKDIR",
 ]

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import click
 
+from .config import DEFAULT_WORKDIR
 from .errors import QsdError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -55,7 +56,7 @@ def json_option(f: Callable) -> Callable:
 
 def workdir_option(f: Callable) -> Callable:
     return click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-                        default=Path("qsdcompress-out"), show_default=True,
+                        default=Path(DEFAULT_WORKDIR), show_default=True,
                         help="Work directory the commands share (converted.qsd, finetuned.qsd, model.onnx).")(f)
 
 
@@ -139,16 +140,16 @@ def eval_cmd(model: str | None, arch: str | None, checkpoint: Path | None, data:
       qsdcompress eval qsdcompress-out/converted.qsd --spike-mode binary
       qsdcompress eval --arch spikformer_8_512_CAFormer --checkpoint 8_512.pth --data /data/imagenet
     """
-    from . import api
+    from .pipeline import evaluate_model
 
     if model and checkpoint:
         raise QsdError("give either MODEL or --checkpoint, not both")
-    r = api.eval(model or checkpoint, data=data, split=split, batch_size=batch_size, device=device,
+    r = evaluate_model(model or checkpoint, data=data, split=split, batch_size=batch_size, device=device,
                  spike_mode=spike_mode, arch=arch, max_batches=max_batches)
     emit(r, as_json, _show_eval)
 
 
-# --- convert (qsdcompress/quant.py) ---
+# --- convert (qsdcompress/quant, qsdcompress/pipeline.py) ---
 
 
 def _show_convert(r: dict) -> None:
@@ -214,7 +215,8 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
       qsdcompress convert --bits 4 --first-last-bits 8 --layer-bits 'block3.*.mlp.*=2'
       qsdcompress convert 8_512.pth --arch spikformer_8_512_CAFormer --calib-data /data/imagenet
     """
-    from .quant import QuantConfig, parse_bits, parse_layer_bits, run_convert
+    from .pipeline import run_convert
+    from .quant import QuantConfig, parse_bits, parse_layer_bits
 
     cfg = QuantConfig(bits=parse_bits(bits), layer_bits=parse_layer_bits(layer_bits),
                       first_last_bits=parse_bits(first_last_bits, "--first-last-bits") if first_last_bits else None,
@@ -223,7 +225,7 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
     r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval)
     emit(r, as_json, _show_convert)
 
-# --- finetune (qsdcompress/distill.py, qsdcompress/train.py) ---
+# --- finetune (qsdcompress/distill.py, qsdcompress/train) ---
 
 def _show_finetune(r: dict) -> None:
     from rich.table import Table
@@ -319,6 +321,13 @@ def finetune_cmd(ctx: click.Context, model: Path | None, recipe: Path | None, as
     from .train import checkpoint_options, checkpoint_path, run_finetune
 
     values: dict[str, Any] = {}
+    resume = opts.get("resume")
+    if resume and resume != "auto" and Path(resume).suffix.lower() in (".qsd", ".safetensors"):
+        # `finetune --resume MODEL.qsd`: --resume took the model as its value; it is the MODEL
+        if model is not None:
+            raise QsdError(f"--resume {resume}: that is a model file, not a finetune checkpoint; "
+                           f"use --resume alone (or --resume RUN_DIR/checkpoint.pt)")
+        model, opts["resume"] = Path(resume), "auto"
     if opts.get("resume"):  # --resume alone continues the run with the options it was started with
         values.update(checkpoint_options(checkpoint_path(opts["resume"], opts["workdir"], opts["run_dir"])))
     if recipe is not None:
@@ -340,7 +349,7 @@ def finetune_cmd(ctx: click.Context, model: Path | None, recipe: Path | None, as
         emit(result, as_json, _show_finetune)
 
 
-# --- export and report (qsdcompress/export.py, qsdcompress/report.py) ---
+# --- export and report (qsdcompress/export, qsdcompress/report) ---
 
 
 def _show_export(r: dict) -> None:
@@ -406,7 +415,7 @@ def export_cmd(model: str | None, output: Path | None, data: str, parity_samples
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report in --format to this file.")
 @click.option("--energy-table", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON or YAML with e_mac_pj, e_ac32_pj, attention_bits, source (defaults: method.md).")
+              help="JSON or YAML with e_mac_pj, e_ac32_pj, attention_bits, source (defaults: docs/method.md §8).")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write PNG plots (firing rate, q/k/v spike levels, energy per layer) here.")
 @click.option("--no-float", is_flag=True, help="Skip the float comparison row.")

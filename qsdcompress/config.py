@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import QsdError
+from .errors import QsdError, one_line
+
+#: the work directory the commands share (converted.qsd, finetuned.qsd, model.onnx)
+DEFAULT_WORKDIR = "qsdcompress-out"
 
 
 @dataclass
@@ -20,7 +23,7 @@ class FinetuneConfig:
 
     # inputs and outputs
     model: str | None = None            # input .qsd (default <workdir>/converted.qsd)
-    workdir: str = "qsdcompress-out"
+    workdir: str = DEFAULT_WORKDIR
     output: str | None = None           # default <workdir>/finetuned.qsd
     run_dir: str | None = None          # checkpoints, metrics.csv, config (default <workdir>/finetune)
     data: str = "digits"
@@ -57,7 +60,26 @@ class FinetuneConfig:
     num_workers: int = 0
     device: str = "auto"
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "FinetuneConfig":
+        """One clear error per bad option, before any work is done."""
+        import math
+
+        for name in ("lambda_kd", "lambda_fgd", "tau", "lr"):
+            v = getattr(self, name)
+            positive = name in ("tau", "lr")
+            if not math.isfinite(v) or v < 0 or (positive and v == 0):
+                raise QsdError(f"--{name.replace('_', '-')} must be a finite "
+                               f"{'positive' if positive else 'non-negative'} number, got {v}")
+        if self.epochs < 1 and not self.steps:
+            raise QsdError("--epochs must be at least 1 (or give --steps)")
+        if self.batch_size < 1:
+            raise QsdError(f"--batch-size must be at least 1, got {self.batch_size}")
+        model_file = Path(self.resume or "").suffix.lower() in (".qsd", ".safetensors", ".onnx")
+        if self.resume and self.resume != "auto" and model_file:
+            raise QsdError(f"--resume {self.resume}: that is a model file, not a finetune checkpoint; "
+                           f"give the model as MODEL and use --resume alone (or --resume RUN_DIR/checkpoint.pt)")
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +87,8 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
         d = normalise_keys(d)
+        if not d.get("extra", True):  # an always-empty field of early run configs
+            d.pop("extra")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -107,8 +131,8 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise QsdError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise QsdError(f"recipe {p} is not valid YAML: {one_line(e)}") from None
     return normalise_keys(data)
 
 
-__all__ = ["FinetuneConfig", "read_recipe", "normalise_keys"]
+__all__ = ["FinetuneConfig", "read_recipe", "normalise_keys", "DEFAULT_WORKDIR"]

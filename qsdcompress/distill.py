@@ -1,4 +1,4 @@
-"""Distillation for quantization-aware finetuning (method.md section 5).
+"""Distillation for quantization-aware finetuning (docs/method.md §5).
 
 * Teachers: the counterpart ANN of the student's topology (``ann``), any timm model by name or
   short alias (``vit_base``, ``deit_small``, ``caformer_b36``, ...), the bundled digits ViT
@@ -21,7 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import DataConfig, resize_batch
-from .errors import QsdError
+from .errors import QsdError, one_line
+from .io import load_state_dict_checked, read_checkpoint, strip_quant_extras
+from .loading import bundled_model, load
+from .models import create_model, describe
+from .zoo import bundled_path
 
 # --- the bundled cross-architecture teacher -------------------------------------------------------
 
@@ -81,8 +85,8 @@ def _grid_of(n: int) -> tuple[int, int]:
 class QKVCapture:
     """Forward hooks collecting q/k/v as ``(B, N, C)`` per attention block, in forward order.
 
-    ``snn`` style: hooks on ``attn.q_lif/k_lif/v_lif`` of each attention block (spike-driven
-    models and their counterpart ANN; IE-LIF keeps those names). ``timm`` style: hooks on every
+    ``snn`` style: hooks on the q/k/v neurons of each attention block, as the model publishes
+    them (spike-driven models and their counterpart ANN; IE-LIF keeps the names). ``timm`` style: hooks on every
     ``qkv`` linear layer; its output is split into q, k, v, prefix tokens are dropped.
     """
 
@@ -94,14 +98,14 @@ class QKVCapture:
         self.grids: dict[int, tuple[int, int]] = {}
         self.enabled = True
         if style == "snn":
-            blocks = list(getattr(model, "attention_blocks", []))
-            if not blocks:
+            sites = describe(model).attention
+            if not sites:
                 raise QsdError(f"{type(model).__name__} has no spike-driven attention blocks for FGD")
-            for i, blk in enumerate(blocks):
+            for i, site in enumerate(sites):
                 for z in ("q", "k", "v"):
-                    mod = getattr(blk.attn, f"{z}_lif")
+                    mod = model.get_submodule(getattr(site, z))
                     self.handles.append(mod.register_forward_hook(self._snn_hook(i, z)))
-            self.num_layers = len(blocks)
+            self.num_layers = len(sites)
         elif style == "timm":
             layers = [m for n, m in model.named_modules()
                       if n.split(".")[-1] == "qkv" and isinstance(m, nn.Linear)]
@@ -254,26 +258,13 @@ class Teacher(nn.Module):
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "QSDCOMPRESS_OFFLINE"))
+    """Offline by huggingface_hub's setting, or by ``HF_HUB_OFFLINE`` set after the hub was imported."""
+    from huggingface_hub import constants
 
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the Hugging Face hub, so offline machines fail in seconds, not after
-    the hub client's retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return constants.is_offline_mode() or constants._is_true(os.environ.get("HF_HUB_OFFLINE"))
 
 
 def _load_weights(model: nn.Module, path: str | os.PathLike, what: str) -> None:
-    from .io import load_state_dict_checked, read_checkpoint, strip_quant_extras
-
     sd, _ = read_checkpoint(Path(path))
     sd, _ = strip_quant_extras(sd)
     load_state_dict_checked(model, sd, source=f"{what} {path}")
@@ -285,8 +276,6 @@ def counterpart_ann(student: nn.Module, checkpoint: str | os.PathLike | None = N
     Weights come from ``checkpoint``; for ``qsd_tiny`` students without one, the bundled digits
     ANN. Never returned untrained.
     """
-    from .models import create_model
-
     arch = getattr(student, "arch", None)
     if arch is None or not hasattr(student, "cfg"):
         raise QsdError("--teacher ann needs a spike-driven student (its architecture names the ANN)")
@@ -295,9 +284,6 @@ def counterpart_ann(student: nn.Module, checkpoint: str | os.PathLike | None = N
         ann = create_model(arch, **cfg)
         _load_weights(ann, checkpoint, "teacher checkpoint")
     elif arch == "qsd_tiny":
-        from .api import bundled_model
-        from .zoo import bundled_path
-
         if not bundled_path(ann=True).exists():
             raise QsdError(f"bundled ANN teacher missing: {bundled_path(ann=True)} (run examples/train_bundled.py)")
         ann = bundled_model(ann=True)
@@ -343,15 +329,29 @@ def timm_teacher(name: str, checkpoint: str | os.PathLike | None = None,
             model = timm.create_model(full, pretrained=False)  # the checkpoint's own head size
             _load_weights(model, checkpoint, "teacher checkpoint")
         return model
-    if _offline() or not _hub_reachable():
-        raise QsdError(f"teacher {full}: no --teacher-checkpoint and the model hub cannot be reached "
-                       f"(offline, or HF_HUB_OFFLINE set); pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
+    if _offline():
+        return _cached_pretrained(full)
     try:
         return timm.create_model(full, pretrained=True)
     except Exception as e:  # no network, no such pretrained tag, ...
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise QsdError(f"teacher {full}: could not get pretrained weights ({msg}); the machine may be "
-                       f"offline: pass --teacher-checkpoint PATH") from None
+        raise QsdError(f"teacher {full}: could not get pretrained weights ({one_line(e, 160)}); on a machine "
+                       f"without network pass --teacher-checkpoint PATH (set HF_HUB_OFFLINE=1 to fail fast)") from None
+
+
+def _cached_pretrained(full: str) -> nn.Module:
+    """Offline: timm's pretrained weights from the local Hugging Face cache, or a clear error."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(full)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(repo, fname) if repo else None
+        if isinstance(cached, str):
+            return timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": cached})
+    raise QsdError(f"teacher {full}: offline (HF_HUB_OFFLINE) and its weights are not in the local Hugging Face "
+                   f"cache; pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
 
 
 def vit_digits_teacher(path: str | os.PathLike | None = None) -> nn.Module:
@@ -376,10 +376,8 @@ def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | 
         model = counterpart_ann(student, checkpoint)
         return Teacher(model, "ann", "snn", DataConfig.from_model(model), capture)
     if spec.lower().endswith(".qsd") or (Path(spec).suffix and Path(spec).exists()):
-        from .api import load
-
         model = load(spec)
-        style = "snn" if hasattr(model, "attention_blocks") else "timm"
+        style = "snn" if hasattr(model, "structure") else "timm"
         return Teacher(model, str(spec), style, DataConfig.from_model(model), capture)
     if spec == "vit_digits":
         model = vit_digits_teacher(checkpoint)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from .errors import QsdError
+from .errors import QsdError, one_line
 
 META_KEY = "qsdcompress"
 FORMAT_VERSION = 1
@@ -46,6 +46,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """Create ``path`` (and parents) as a directory, or one clear error before any work is done:
+    a command must not compute for minutes and then fail because its output cannot be written."""
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise QsdError(f"{what} {path}: {parent} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QsdError(f"{what} {path} cannot be created: {one_line(e)}") from None
+    if not os.access(path, os.W_OK):
+        raise QsdError(f"{what} {path} is not writable")
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -106,13 +122,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     except QsdError:
         raise
     except Exception as e:  # truncated or not a safetensors file
-        raise QsdError(f"{path} is not a readable safetensors file (truncated or corrupt?): {_short(e)}") from None
+        raise QsdError(f"{path} is not a readable safetensors file (truncated or corrupt?): {one_line(e)}") from None
     return tensors, meta
-
-
-def _short(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return (msg[0] if msg else type(e).__name__)[:200]
 
 
 def torch_load_safe(path: str | os.PathLike) -> Any:
@@ -124,10 +135,10 @@ def torch_load_safe(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as e:
         raise QsdError(
             f"refused to load {path}: it is not a plain weights file (the pickle asks to run code or "
-            f"build objects: {_short(e)}); convert it to safetensors with trusted code"
+            f"build objects: {one_line(e)}); convert it to safetensors with trusted code"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise QsdError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_short(e)}") from None
+        raise QsdError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {one_line(e)}") from None
 
 
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "network")

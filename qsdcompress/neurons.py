@@ -275,7 +275,7 @@ def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class IELIF(Neuron):
-    """Information-enhanced integer neuron (IE-LIF, method.md section 4).
+    """Information-enhanced integer neuron (IE-LIF, docs/method.md §4).
 
     Rectifies the membrane potential per channel before firing, so the integer spikes use all
     ``D + 1`` levels instead of piling up at 0 and D::

@@ -1,17 +1,135 @@
-"""The whole pipeline in one call: convert -> finetune -> export -> report (``qsdcompress demo``).
+"""Orchestration above the concerns: what each command does from end to end, and the demo.
 
-It runs every stage through the same functions as the CLI commands, in one work directory, and
-ends with one comparison of the float model, the converted model, the finetuned model and the
-exported ONNX file: top-1, size, SOPs and energy, all measured here.
+* :func:`evaluate_model` (``eval``): a model, checkpoint or ONNX file on a dataset.
+* :func:`convert_model` (API ``convert``) and :func:`run_convert` (``convert``: load, convert,
+  evaluate before/after, save).
+* :func:`demo`: convert -> finetune -> export -> report in one work directory, ending with one
+  comparison of the float, converted, finetuned and exported models: top-1, size, SOPs and
+  energy, all measured here.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import torch.nn as nn
+
+from .config import DEFAULT_WORKDIR
+from .data import DataConfig, build_loader, num_classes_of
 from .errors import QsdError
+from .export import export
+from .export.runtime import onnx_predictor
+from .io import ensure_writable_dir, sha256_file
+from .loading import load, pick_device, resolve_model, save
+from .metrics import evaluate
+from .neurons import IELIF, iter_neurons, set_spike_mode
+from .quant import QuantConfig, convert
+from .report import report
+from .sizing import model_size
+from .train import finetune
+from .ui import console
+from .zoo import bundled_path
+
+
+def evaluate_model(model: nn.Module | str | os.PathLike | None = None, data: str = "digits", split: str = "test",
+                   batch_size: int = 128, device: str = "cpu", spike_mode: str | None = None,
+                   arch: str | None = None, max_batches: int | None = None) -> dict:
+    """Top-1/top-5/loss of a model (or ``.qsd``/checkpoint/ONNX path; None = bundled) on a dataset."""
+    if isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx"):
+        predictor, cfg, num_classes = onnx_predictor(model)
+        loader = build_loader(data, split, cfg, batch_size=batch_size, num_classes=num_classes)
+        return {**evaluate(predictor, loader, "cpu", description="eval (onnxruntime)", max_batches=max_batches),
+                "model": str(model), "data": data, "runtime": "onnxruntime"}
+    m = resolve_model(model, arch)
+    dev = pick_device(device)
+    m.to(dev)
+    if spike_mode:
+        set_spike_mode(m, spike_mode)
+    loader = build_loader(data, split, DataConfig.from_model(m), batch_size=batch_size, num_classes=m.num_classes)
+    ds_classes = num_classes_of(loader.dataset)
+    if ds_classes is not None and ds_classes > m.num_classes:
+        raise QsdError(f"data {data!r} has {ds_classes} classes but the model predicts {m.num_classes}")
+    out = evaluate(m, loader, dev, max_batches=max_batches)
+    if spike_mode:
+        set_spike_mode(m, "integer")
+    name = str(model) if model is not None and not isinstance(model, nn.Module) else getattr(m, "arch", "model")
+    return {**out, "model": name, "data": data, "spike_mode": spike_mode or "integer"}
+
+
+def convert_model(model: nn.Module | str | os.PathLike | None = None,
+                  config: QuantConfig | Mapping[str, Any] | None = None, calib_loader: Any = None,
+                  **options: Any) -> nn.Module:
+    """Low-bit weights + IE-LIF + calibration (see :mod:`qsdcompress.quant`); returns the converted model.
+
+    ``config``: a :class:`~qsdcompress.quant.QuantConfig` or a dict; ``options`` override its fields
+    (``qsdcompress.convert(model, bits=4, ie_lif="qkv")``). The float model is left unchanged.
+    """
+    if config is None:
+        config = QuantConfig()
+    elif isinstance(config, Mapping):
+        config = QuantConfig.from_dict(config)
+    if options:
+        config = replace(config, **options)
+    return convert(resolve_model(model), config, calib_loader)
+
+
+def convert_summary(model: nn.Module) -> dict:
+    """What ``convert`` reports about a converted model: layers and parameters per bit width, IE-LIF
+    neurons and the size (:func:`qsdcompress.sizing.model_size`, the figures report and export print)."""
+    size = model_size(model)
+    ie = [name for name, n in iter_neurons(model) if isinstance(n, IELIF)]
+    return {"layers_per_bits": size["layers_per_bits"], "neurons_replaced": len(ie), "ie_lif_neurons": ie,
+            "parameters": size["params"], "quantized_parameters": size["quantized_params"],
+            **{k: size[k] for k in ("size_bytes", "float_size_bytes", "compression", "size_mb_paper",
+                                    "float_size_mb_paper")}}
+
+
+def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str) -> tuple[float | None, float | None]:
+    """Test top-1 of both models on the calibration data set, when it is labelled for them."""
+    try:
+        loader = build_loader(data, "test", DataConfig.from_model(converted), batch_size=128,
+                              num_classes=converted.num_classes)
+    except QsdError:
+        return None, None
+    labelled = num_classes_of(loader.dataset)
+    if labelled is None or labelled > converted.num_classes:
+        return None, None
+    return (evaluate(float_model, loader, description="eval float")["top1"],
+            evaluate(converted, loader, description="eval converted")["top1"])
+
+
+def run_convert(model: str | os.PathLike | nn.Module | None = None, config: QuantConfig | None = None,
+                arch: str | None = None, workdir: str | os.PathLike = DEFAULT_WORKDIR,
+                output: str | os.PathLike | None = None, evaluate_top1: bool = True) -> dict:
+    """What ``qsdcompress convert`` does: load, convert, evaluate before/after, save; a summary dict."""
+    config = (config or QuantConfig()).validate()
+    out_path = Path(output) if output is not None else Path(workdir) / "converted.qsd"
+    ensure_writable_dir(out_path.parent)  # before minutes of calibration, not after
+    t0 = time.perf_counter()
+    source: dict[str, Any] = {}
+    if isinstance(model, nn.Module):
+        float_model = model
+    else:
+        if model is None and arch is not None:
+            resolve_model(None, arch)  # explains that weights are needed
+        path = Path(model) if model is not None else bundled_path()
+        float_model = load(path, arch=arch)
+        source = {"path": str(path), "sha256": sha256_file(path)}
+    float_model.eval()
+    if source:
+        float_model.qsd_meta = {**(getattr(float_model, "qsd_meta", None) or {}), "source": source}
+    converted = convert(float_model, config)
+    seconds = time.perf_counter() - t0
+    save(converted, out_path, kind="converted")
+    before, after = _top1_before_after(float_model, converted, config.calib_data) if evaluate_top1 else (None, None)
+    return {"output": str(out_path), "top1_before": before, "top1_after": after,
+            "top1_data": config.calib_data if before is not None else None,
+            "arch": getattr(converted, "arch", None), "config": config.to_dict(),
+            **convert_summary(converted), "source": converted.qsd_quant_meta.get("source", {}),
+            "convert_seconds": round(seconds, 2)}
 
 
 def _row(top1: float | None, rep: dict | None, size_bytes: int | None = None, **extra: Any) -> dict:
@@ -21,7 +139,7 @@ def _row(top1: float | None, rep: dict | None, size_bytes: int | None = None, **
             "energy_mj": tot.get("energy_mj"), **extra}
 
 
-def demo(workdir: str | os.PathLike = "qsdcompress-out", bits: int = 4, teacher: str = "ann",
+def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: str = "ann",
          epochs: int | None = None, data: str = "digits", report_batches: int = 4,
          on_stage: Callable[[str], None] | None = None) -> dict:
     """Run convert (``bits``-bit weights, IE-LIF on q/k/v) -> finetune (``teacher``, KD + FGD) ->
@@ -30,18 +148,10 @@ def demo(workdir: str | os.PathLike = "qsdcompress-out", bits: int = 4, teacher:
     Returns ``{"rows": {"float", "converted", "finetuned", "onnx"}, "stages": {...}, ...}``;
     each row has ``top1``, ``size_bytes``, ``sops`` and ``energy_mj``.
     """
-    from . import api
-    from .export import export
-    from .quant import QuantConfig, run_convert
-    from .report import report
-    from .train import finetune
-    from .zoo import bundled_path
-
     if data != "digits":
         raise QsdError("the demo runs on the bundled digits model; use the individual commands for other data")
     say = on_stage or (lambda s: None)
-    wd = Path(workdir)
-    wd.mkdir(parents=True, exist_ok=True)
+    wd = ensure_writable_dir(workdir, "work directory")
     t0 = time.perf_counter()
     stages: dict[str, Any] = {}
 
@@ -69,14 +179,14 @@ def demo(workdir: str | os.PathLike = "qsdcompress-out", bits: int = 4, teacher:
 
     say("4/4 report: accuracy, size, spikes and energy")
     t = time.perf_counter()
-    float_model = api.load(bundled_path())
-    converted = api.load(wd / "converted.qsd")
-    finetuned = api.load(Path(ft["output"]))
+    float_model = load(bundled_path())
+    converted = load(wd / "converted.qsd")
+    finetuned = load(Path(ft["output"]))
     reps = {name: report(m, data=data, batches=report_batches, compare_float=False)
             for name, m in (("float", float_model), ("converted", converted), ("finetuned", finetuned))}
     # convert and finetune already evaluated these models on the full digits test split
     tops = {"float": conv["top1_before"], "converted": conv["top1_after"], "finetuned": ft["top1"]}
-    onnx_eval = api.eval(str(ex["output"]), data=data)
+    onnx_eval = evaluate_model(str(ex["output"]), data=data)
     stages["report"] = {"seconds": round(time.perf_counter() - t, 1)}
 
     rows = {
@@ -99,8 +209,6 @@ def show_demo(result: dict) -> None:
     """The comparison table on stderr."""
     from rich.table import Table
 
-    from .ui import console
-
     t = Table(title=f"qsdcompress demo: bundled digits model, W{result['bits']}, "
                     f"{result['seconds']:.0f} s, outputs in {result['workdir']}")
     for c in ("model", "top-1", "size", "size x", "SOPs", "energy (mJ)", "energy x"):
@@ -122,3 +230,6 @@ def _bytes(n: int | None) -> str:
     if not n:
         return "-"
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+__all__ = ["evaluate_model", "convert_model", "run_convert", "convert_summary", "demo", "show_demo"]

@@ -132,6 +132,19 @@ def test_data_folder_problems(tmp_path):
     assert_clean_error(invoke(["eval", "--data", tmp_path / "badimg"], tmp_path), "cannot read image")
 
 
+def test_workdir_under_a_file_is_refused_before_any_work(tmp_path, monkeypatch):
+    import qsdcompress.pipeline as pipeline
+
+    (tmp_path / "afile").write_text("x")
+    calls = []
+    monkeypatch.setattr(pipeline, "convert", lambda *a, **k: calls.append(1))
+    r = invoke(["convert", "--workdir", tmp_path / "afile" / "sub"], tmp_path)
+    assert_clean_error(r, "is a file, not a directory")
+    assert not calls  # refused up front, not after calibrating
+    r = invoke(["export", "-o", tmp_path / "afile" / "m.onnx"], tmp_path)
+    assert_clean_error(r, "is a file, not a directory")
+
+
 def test_workdir_without_expected_file(tmp_path):
     (tmp_path / "wd").mkdir()
     r = invoke(["finetune", "--workdir", tmp_path / "wd"], tmp_path)

@@ -15,7 +15,7 @@ from qsdcompress.errors import QsdError
 
 
 def _direct_fgd(student, teacher, mapping):
-    """method.md section 5 written out with loops: per sample, per row normalisation."""
+    """docs/method.md §5 written out with loops: per sample, per row normalisation."""
     total, count = 0.0, 0
     for l, sf in enumerate(student):
         tf = teacher[mapping[l]]

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qsdcompress as q
 from qsdcompress.errors import QsdError
 from qsdcompress.export import (ExportConfig, check_parity, export, export_module, onnx_metadata, onnx_predictor,
-                                pack_signed, parity_batch)
+                                packed_tensor, parity_batch)
 from qsdcompress.neurons import iter_neurons
 from qsdcompress.quant import QuantConfig, convert
 
@@ -48,14 +48,24 @@ def _int_inits(path) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("bits,dtype", [(4, TensorProto.INT4), (2, TensorProto.INT2)])
-def test_pack_signed_matches_onnx_unpacking(bits, dtype):
+@pytest.mark.parametrize("bits,dtype", [(4, TensorProto.INT4), (2, TensorProto.INT2), (8, TensorProto.INT8)])
+def test_packed_tensor_is_really_packed_and_unpacks_to_the_integers(bits, dtype):
     rng = np.random.default_rng(bits)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     vals = rng.integers(lo, hi + 1, size=(5, 3, 3)).astype(np.int64)  # odd count: padding nibble/crumb
-    t = helper.make_tensor("w", dtype, list(vals.shape), vals=pack_signed(vals, bits), raw=True)
+    t = packed_tensor("w", vals, bits)
+    assert t.data_type == dtype
     np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int64), vals)
     assert len(t.raw_data) == -(-vals.size * bits // 8)
+    # the ONNX layout by hand: element 0 in the low bits of byte 0, two's complement
+    first = np.array([1, -1, -2, 0][: 8 // bits if bits < 8 else 1])
+    byte = sum((int(v) & ((1 << bits) - 1)) << (i * bits) for i, v in enumerate(first))
+    assert packed_tensor("x", first, bits).raw_data[0] == byte
+
+
+def test_packed_tensor_refuses_integers_out_of_range():
+    with pytest.raises(QsdError, match="outside the 4-bit range"):
+        packed_tensor("w", np.array([8]), 4)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +115,9 @@ def test_export_w2_uses_int2_and_no_int2_falls_back(tmp_path):
     assert r4["initializers"] == {"INT4": 82} and r4["opset"] == 21
     assert r["file_bytes"] < 0.8 * r4["file_bytes"]
     assert _int_inits(tmp_path / "a.onnx")["INT2"] == 82
+    # INT2 exists from IR 13 on; INT4 from IR 10
+    assert onnx.load(str(tmp_path / "a.onnx")).ir_version == 13
+    assert onnx.load(str(tmp_path / "b.onnx")).ir_version == 10
 
 
 @pytest.mark.slow

@@ -86,3 +86,25 @@ def test_timm_create_model_entrypoint_and_lif_time_steps():
     m = timm.create_model("metaspikformer_8_384", embed_dim=(8, 16, 32, 32), num_heads=2,
                           num_classes=5, T=3)
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_pretrained_without_bundled_weights_says_so():
+    with pytest.raises(QsdError, match="no weights are bundled for this architecture"):
+        timm.create_model("qsd_8_256", pretrained=True)
+    assert q.create_model("qsd_tiny", pretrained=True).num_classes == 10
+
+
+def test_models_describe_their_structure():
+    m = q.create_model("qsd_tiny")
+    s = m.structure()
+    names = dict(m.named_modules())
+    weight_layers = [n for n, x in names.items() if isinstance(x, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear))]
+    assert set(s.layer_input) == set(weight_layers)  # every weight layer says what feeds it
+    assert s.layer_input["downsample1_1.encode_conv"] is None and s.layer_input["head"] == "lif"
+    assert all(v in names for v in s.layer_input.values() if v is not None)
+    for conv, bn in s.conv_bn:
+        assert isinstance(names[bn], torch.nn.modules.batchnorm._BatchNorm) and conv in names
+    assert len(s.attention) == len(m.attention_blocks) == 4
+    assert {site.q for site in s.attention} == {f"block3.{i}.attn.q_lif" for i in range(3)} | {"block4.0.attn.q_lif"}
+    for n, bn in s.neuron_bn.items():
+        assert n in names and isinstance(names[bn], torch.nn.modules.batchnorm._BatchNorm)

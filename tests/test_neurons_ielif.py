@@ -1,4 +1,4 @@
-"""IE-LIF against a direct computation of method.md section 4."""
+"""IE-LIF against a direct computation of docs/method.md §4."""
 import pytest
 import torch
 

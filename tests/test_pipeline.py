@@ -30,3 +30,10 @@ def test_demo_json_rows(tmp_path):
     assert abs(rows["onnx"]["top1"] - rows["finetuned"]["top1"]) <= 0.02
     for f in ("converted.qsd", "finetuned.qsd", "model.onnx"):
         assert (tmp_path / "qsdcompress-out" / f).exists()
+    # one size formula: demo's rows are what convert and report print for the same files
+    from qsdcompress.loading import load
+    from qsdcompress.sizing import model_size
+
+    conv = model_size(load(tmp_path / "qsdcompress-out" / "converted.qsd"))
+    assert rows["converted"]["size_bytes"] == conv["size_bytes"]
+    assert rows["converted"]["size_mb_paper"] == conv["size_mb_paper"]

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import qsdcompress as q
+from qsdcompress.data import DataConfig, build_loader
 from qsdcompress.errors import QsdError
 from qsdcompress.neurons import IELIF, AffineMultiSpike, MultiSpike, iter_neurons, set_spike_mode
 from qsdcompress.quant import (FLOAT_BITS, QuantConfig, convert, fold_ie_lif, import_reference_lsq, init_step,
@@ -225,7 +226,7 @@ def _assert_parity(model, x):
 
 def test_binary_equals_integer_bundled_model():
     model = q.load().double()
-    x = next(iter(q.api.build_loader("digits", "test", q.api.data_config(model), batch_size=32)))[0].double()
+    x = next(iter(build_loader("digits", "test", DataConfig.from_model(model), batch_size=32)))[0].double()
     _assert_parity(model, x)
     for cfg in (QuantConfig(bits=4, calib_batches=2),  # default: IE-LIF on q/k/v, identity init
                 QuantConfig(bits=4, ie_lif="all", ie_lif_init="rectify", calib_batches=2)):

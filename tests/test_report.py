@@ -11,12 +11,15 @@ import torch
 import torch.nn as nn
 from click.testing import CliRunner
 
+from qsdcompress.cli import main
+
 import qsdcompress as q
 from qsdcompress.data import DataConfig, build_loader
 from qsdcompress.errors import QsdError
 from qsdcompress.neurons import Neuron
 from qsdcompress.quant import QuantConfig, convert
-from qsdcompress.report import EnergyTable, layers_frame, plot, render, report, size_summary
+from qsdcompress.report import EnergyTable, layers_frame, plot, render, report
+from qsdcompress.sizing import model_size as size_summary
 
 
 def test_paper_size_arithmetic_qsd_8_512():
@@ -165,3 +168,44 @@ def test_cli_report_json_with_source_float_and_onnx(tmp_path):
     res = CliRunner().invoke(main, ["report", "--workdir", str(tmp_path), "--batches", "1", "--batch-size", "8",
                                     "--format", "markdown", "-o", str(out), "--no-float"])
     assert res.exit_code == 0 and out.read_text().startswith("# qsdcompress report")
+
+
+def test_terminal_tables_fit_80_columns_and_keep_names_and_numbers():
+    from rich.console import Console
+
+    from qsdcompress.report.render import NAME_WIDTH, compact, short_name, show
+
+    r = report(q.create_model("qsd_8_256").eval(), data="synthetic:2", batches=1, batch_size=2)
+    buf = io.StringIO()
+    show(r, Console(file=buf, width=80))
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for row in r["layers"]:
+        shown = short_name(row["name"], NAME_WIDTH)
+        assert shown.lstrip("…") and row["name"].endswith(shown.lstrip("…"))
+        line = next(line for line in text.splitlines() if line.strip().startswith(shown))
+        assert compact(row["energy_pj"]) in line and compact(row["macs"]) in line
+    assert "…" not in "".join(line.split()[-1] for line in text.splitlines() if line.strip())
+    assert [compact(v) for v in (0, 0.1234, 12.34, 138_400, 1.384e6, 2.5e9)] == ["0", "0.123", "12.3", "138k",
+                                                                                "1.38M", "2.5G"]
+    assert short_name("block3.0.attn.proj_conv.0.body.2.1", 20) == "…0.body.2.1"  # whole dotted parts only
+
+
+def test_convert_report_and_export_print_the_same_size(tmp_path):
+    """One size function: ``convert --json``, ``report --json`` and ``export --json`` agree on one file."""
+    runner = CliRunner()
+    wd = tmp_path / "wd"
+    conv = runner.invoke(main, ["convert", "--bits", "4", "--no-eval", "--calib-batches", "1", "--json",
+                                "--workdir", str(wd)])
+    assert conv.exit_code == 0, conv.output
+    c = json.loads(conv.stdout)
+    rep = runner.invoke(main, ["report", str(wd / "converted.qsd"), "--batches", "1", "--json", "--no-float"])
+    assert rep.exit_code == 0, rep.output
+    t = json.loads(rep.stdout)["totals"]
+    assert (c["size_bytes"], c["size_mb_paper"]) == (t["size_bytes"], t["size_mb_paper"])
+    ex = runner.invoke(main, ["export", str(wd / "converted.qsd"), "-o", str(tmp_path / "m.onnx"),
+                              "--parity-samples", "8", "--json"])
+    assert ex.exit_code == 0, ex.output
+    assert json.loads(ex.stdout)["weight_bits_bytes"] == c["size_bytes"]
+    # the paper convention by hand: params(M) * mean weight bits / 32, all conv/linear at 4 bits
+    assert abs(c["size_mb_paper"] - c["parameters"] / 1e6 * 4 / 32) < 1e-4

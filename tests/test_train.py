@@ -136,7 +136,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, converted):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, converted, monkeypatch):
-    import qsdcompress.train as train
+    import qsdcompress.train.loop as train
 
     calls = {"n": 0}
     real = train.kd_loss
@@ -242,6 +242,17 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, converted):
 
     with pytest.raises(QsdError, match="no checkpoint to resume from"):
         run_finetune(FinetuneConfig(workdir=str(wd), resume="auto", steps=1, **SMALL))
+
+
+def test_resume_given_a_model_file_means_that_model_and_its_run(tmp_path, converted):
+    """``finetune --resume MODEL.qsd``: click gives MODEL.qsd to --resume; it is the model, and the
+    run resumes from its run directory (none here: the checkpoint error, not a pickle error)."""
+    wd = _workdir(tmp_path, "resmodel", converted)
+    res = CliRunner().invoke(main, ["finetune", "--workdir", str(wd), "--resume", str(wd / "converted.qsd")])
+    assert res.exit_code == 2 and "no checkpoint to resume from" in res.output
+    assert str(wd / "finetune" / "checkpoint.pt") in res.output
+    with pytest.raises(QsdError, match="model file, not a finetune checkpoint"):
+        FinetuneConfig(workdir=str(wd), resume=str(wd / "converted.qsd")).validate()
 
 
 def test_cross_architecture_teacher_bundled_vit(tmp_path, converted):

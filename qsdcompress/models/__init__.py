@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.models import register_model as _timm_register
 
 from ..errors import QsdError
+from ._structure import AttentionSite, ModelStructure, RepConvSite, describe
 from .spikedriven import SDTConfig, SpikeDrivenTransformer
 
 _ARCHS: dict[str, dict[str, Any]] = {}
@@ -97,6 +98,8 @@ def model_config(name: str, **kwargs: Any) -> SDTConfig:
         kwargs["neuron"] = "relu"
     if "in_channels" in kwargs:
         kwargs["in_chans"] = kwargs.pop("in_channels")
+    if not kwargs.get("extra", True):  # an always-empty field of early .qsd files
+        kwargs.pop("extra")
     known = {f.name for f in fields(SDTConfig)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -108,10 +111,18 @@ def model_config(name: str, **kwargs: Any) -> SDTConfig:
     return SDTConfig(**base)
 
 
+#: architectures with weights bundled in ``qsdcompress/zoo`` (``pretrained=True`` loads them)
+BUNDLED_WEIGHTS = ("qsd_tiny",)
+
+
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> SpikeDrivenTransformer:
     """Build a registered model. ``pretrained=True`` loads bundled weights (``qsd_tiny`` only)."""
     canonical = resolve_name(name)
     cfg = model_config(canonical, **kwargs)
+    if pretrained and canonical not in BUNDLED_WEIGHTS:
+        raise QsdError(f"{name}: no weights are bundled for this architecture (only for "
+                       f"{', '.join(BUNDLED_WEIGHTS)}); load a checkpoint with "
+                       f"qsdcompress.load(PATH, arch={canonical!r}) or `qsdcompress eval PATH --arch {canonical}`")
     model = SpikeDrivenTransformer(cfg)
     model.arch = canonical  # type: ignore[assignment]
     if pretrained:
@@ -121,5 +132,5 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> SpikeDri
     return model
 
 
-__all__ = ["create_model", "list_models", "model_config", "resolve_name", "register_arch",
-           "SDTConfig", "SpikeDrivenTransformer"]
+__all__ = ["create_model", "list_models", "model_config", "resolve_name", "register_arch", "describe",
+           "SDTConfig", "SpikeDrivenTransformer", "ModelStructure", "AttentionSite", "RepConvSite", "BUNDLED_WEIGHTS"]

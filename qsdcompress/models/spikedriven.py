@@ -11,7 +11,7 @@ without the model knowing about it. Models know nothing of quantization or train
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..neurons import apply_planes, make_neuron, spike_layer
+from ._structure import AttentionSite, ModelStructure, RepConvSite, join
 
 
 @dataclass
@@ -41,7 +42,6 @@ class SDTConfig:
     split_blocks: Sequence[int] | None = None  # (block3, block4); default int(.75 d), int(.25 d)
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,6 +97,13 @@ class RepConv(nn.Module):
         """The rest of the body, given the first (1x1) conv's output."""
         return self.body[2](self.body[1](y))
 
+    @staticmethod
+    def site(seq: str) -> RepConvSite:
+        """The folding site of ``Sequential(RepConv, BatchNorm)`` named ``seq``."""
+        body = f"{seq}.0.body"
+        return RepConvSite(conv1=f"{body}.0", pad_bn=f"{body}.1", depthwise=f"{body}.2.0",
+                           pointwise=f"{body}.2.1", bn=f"{body}.2.2", outer_bn=f"{seq}.1")
+
 
 class SepConv(nn.Module):
     """Inverted separable convolution (MobileNetV2 style) with spiking inputs."""
@@ -119,6 +126,14 @@ class SepConv(nn.Module):
         x = spike_layer(self.lif2, x, self.dwconv)
         return self.bn2(self.pwconv2(x)).reshape(T, B, -1, H, W)
 
+    def local_structure(self, p: str) -> ModelStructure:
+        # the depthwise and second pointwise conv are one linear map of lif2's spikes
+        return ModelStructure(
+            conv_bn=[(join(p, "pwconv1"), join(p, "bn1")), (join(p, "pwconv2"), join(p, "bn2"))],
+            neuron_bn={join(p, "lif2"): join(p, "bn1")},
+            layer_input={join(p, "pwconv1"): join(p, "lif1"), join(p, "dwconv"): join(p, "lif2"),
+                         join(p, "pwconv2"): join(p, "lif2")})
+
 
 class MS_ConvBlock(nn.Module):
     def __init__(self, dim: int, mlp_ratio: int, neuron: str, levels: int):
@@ -139,6 +154,12 @@ class MS_ConvBlock(nn.Module):
         x = self.bn2(spike_layer(self.lif2, x, self.conv2)).reshape(T, B, C, H, W)
         return x_feat + x
 
+    def local_structure(self, p: str) -> ModelStructure:
+        return ModelStructure(
+            conv_bn=[(join(p, "conv1"), join(p, "bn1")), (join(p, "conv2"), join(p, "bn2"))],
+            neuron_bn={join(p, "lif2"): join(p, "bn1")},
+            layer_input={join(p, "conv1"): join(p, "lif1"), join(p, "conv2"): join(p, "lif2")})
+
 
 class MS_MLP(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, neuron: str, levels: int):
@@ -158,6 +179,12 @@ class MS_MLP(nn.Module):
         x = self.fc1_bn(spike_layer(self.fc1_lif, x, self.fc1_conv)).reshape(T, B, self.c_hidden, N)
         x = self.fc2_bn(spike_layer(self.fc2_lif, x, self.fc2_conv)).reshape(T, B, C, H, W)
         return x
+
+    def local_structure(self, p: str) -> ModelStructure:
+        return ModelStructure(
+            conv_bn=[(join(p, "fc1_conv"), join(p, "fc1_bn")), (join(p, "fc2_conv"), join(p, "fc2_bn"))],
+            neuron_bn={join(p, "fc2_lif"): join(p, "fc1_bn")},
+            layer_input={join(p, "fc1_conv"): join(p, "fc1_lif"), join(p, "fc2_conv"): join(p, "fc2_lif")})
 
 
 class MS_Attention_RepConv_qkv_id(nn.Module):
@@ -231,6 +258,20 @@ class MS_Attention_RepConv_qkv_id(nn.Module):
         y = bn(rep.after_first(y))
         return y.reshape(T, B, C, H, W)
 
+    def local_structure(self, p: str) -> ModelStructure:
+        s = ModelStructure(attention=[AttentionSite(
+            name=p, head=join(p, "head_lif"), q=join(p, "q_lif"), k=join(p, "k_lif"), v=join(p, "v_lif"),
+            attn=join(p, "attn_lif"), num_heads=self.num_heads)])
+        for branch, src in (("q_conv", "head_lif"), ("k_conv", "head_lif"), ("v_conv", "head_lif"),
+                            ("proj_conv", "attn_lif")):
+            site = RepConv.site(join(p, branch))
+            s.repconv.append(site)
+            for conv in (site.conv1, site.depthwise, site.pointwise):
+                s.layer_input[conv] = join(p, src)
+            if branch != "proj_conv":
+                s.neuron_bn[join(p, f"{branch[0]}_lif")] = site.outer_bn
+        return s
+
 
 class MS_Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int, neuron: str, levels: int,
@@ -274,6 +315,10 @@ class MS_DownSampling(nn.Module):
         y = self.encode_bn(y)
         return y.reshape(T, B, *y.shape[1:])
 
+    def local_structure(self, p: str) -> ModelStructure:
+        return ModelStructure(conv_bn=[(join(p, "encode_conv"), join(p, "encode_bn"))],
+                              layer_input={join(p, "encode_conv"): None if self.first_layer else join(p, "encode_lif")})
+
 
 class SpikeDrivenTransformer(nn.Module):
     """Conv stages (downsampling + MS_ConvBlocks), then spike-driven Transformer blocks, then a
@@ -307,6 +352,7 @@ class SpikeDrivenTransformer(nn.Module):
             "input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
             "mean": tuple(cfg.mean), "std": tuple(cfg.std),
             "num_classes": cfg.num_classes, "interpolation": "bicubic", "crop_pct": 0.875,
+            "first_conv": "downsample1_1.encode_conv", "classifier": "head",
         }
         self.apply(self._init_weights)
 
@@ -320,6 +366,17 @@ class SpikeDrivenTransformer(nn.Module):
     @property
     def attention_blocks(self) -> list[MS_Block]:
         return [*self.block3, *self.block4]
+
+    def structure(self) -> ModelStructure:
+        """How the layers connect, for the tools (see ``models/_structure.py``): every block
+        describes its own part; the head is fed by the last neuron."""
+        s = ModelStructure()
+        for name, m in self.named_modules():
+            part = getattr(m, "local_structure", None)
+            if part is not None and m is not self:
+                s.merge(part(name))
+        s.layer_input["head"] = "lif"
+        return s
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample1_1(x)

@@ -1,0 +1,311 @@
+"""The ONNX graph: tracing, packed low-bit weight initializers, and the clean-up passes that keep
+the graph text a small fraction of the packed weights.
+
+The clean-up passes are our own: onnxoptimizer 0.4.2's ``eliminate_common_subexpression`` merged
+none of the traced graph's repeated shape arithmetic (2,681 nodes before and after, bundled model)
+and it refuses graphs holding INT2 initializers ("Unknown tensor data type"); these passes take
+the same graph to 929 nodes.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import QsdError
+from .folding import QWeight
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BASE_OPSET = 21          # INT4 DequantizeLinear; the TorchScript exporter stops at opset 20/21
+INT2_OPSET = 25          # INT2 appeared in opset 25 (onnxruntime >= 1.22 runs it)
+
+
+def storage_bits(bits: int, int2: bool) -> int:
+    """Bits per stored element of a b-bit signed weight: INT2 (b <= 2, when allowed), INT4, INT8."""
+    if bits <= 2 and int2:
+        return 2
+    if bits <= 4:
+        return 4
+    if bits <= 8:
+        return 8
+    raise QsdError(f"cannot store {bits}-bit integer weights (at most 8)")
+
+
+def packed_tensor(name: str, ints: np.ndarray, sbits: int):
+    """An ``INT2``/``INT4``/``INT8`` initializer holding ``ints``, packed by onnx itself (ml_dtypes
+    arrays; element 0 in the low bits, as the ONNX spec lays sub-byte types out)."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    lo, hi = -(1 << (sbits - 1)), (1 << (sbits - 1)) - 1
+    if ints.size and (ints.min() < lo or ints.max() > hi):
+        raise QsdError(f"export: {name} has integers outside the {sbits}-bit range")
+    dtype = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}[sbits]
+    return numpy_helper.from_array(np.asarray(ints).astype(dtype), name)
+
+
+def trace(module: nn.Module, sample: torch.Tensor, opset: int) -> "onnx.ModelProto":  # noqa: F821
+    """TorchScript export (the dynamo exporter fails on data-dependent branches), dynamic batch."""
+    import warnings
+
+    import onnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (sample,), buf, opset_version=opset, dynamo=False,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True, keep_initializers_as_inputs=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def pack_graph(proto, registry: dict[str, QWeight], int2: bool) -> dict[str, int]:
+    """Replace float weight initializers by packed integer ones + DequantizeLinear; returns
+    a count of initializers per storage type."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    by_name = {t.name: t for t in g.initializer}
+    # The exporter keeps parameter names; fall back on the exact bytes if it renamed one.
+    by_bytes: dict[bytes, str] = {}
+    for t in g.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            by_bytes.setdefault(numpy_helper.to_array(t).tobytes(), t.name)
+    counts: dict[str, int] = {}
+    new_nodes = []
+    remove: set[str] = set()
+    for pname, qw in registry.items():
+        if qw.ints is None:
+            counts["FLOAT"] = counts.get("FLOAT", 0) + 1
+            continue
+        init = pname if pname in by_name else by_bytes.get(qw.dequantized().float().numpy().tobytes())
+        if init is None:
+            raise QsdError(f"export: weight {pname} not found in the traced graph")
+        sbits = storage_bits(qw.bits, int2)
+        qname, sname, dq = f"{init}_q", f"{init}_s", f"{init}_dq"
+        t = packed_tensor(qname, qw.ints.numpy(), sbits)
+        s = numpy_helper.from_array(qw.scale.float().numpy(), sname)
+        g.initializer.extend([t, s])
+        new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [dq], axis=0))
+        for node in g.node:
+            for i, inp in enumerate(node.input):
+                if inp == init:
+                    node.input[i] = dq
+        remove.add(init)
+        key = TensorProto.DataType.Name(t.data_type)
+        counts[key] = counts.get(key, 0) + 1
+    kept = [t for t in g.initializer if t.name not in remove]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return counts
+
+
+_FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Cast", "Reshape", "Equal", "Where",
+             "ConstantOfShape", "Expand", "Range", "Mul", "Div", "Add", "Sub", "Floor", "Identity", "Shape"}
+
+
+def _fold_shape_arithmetic(proto) -> None:
+    """Fold the shape arithmetic the tracer writes for ``reshape(T, B, -1, H, W)``: with only the
+    batch dimension dynamic, every other dimension is known, so the Shape -> Gather -> Unsqueeze
+    chains that compute it become constants. Only integer (shape) values are folded; float
+    arithmetic stays in the graph so onnxruntime computes it exactly as before."""
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+    from onnx.reference import ReferenceEvaluator
+
+    g = proto.graph
+    try:
+        inferred = shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:
+        return
+    shapes: dict[str, list[int | None]] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    consts: dict[str, np.ndarray] = {}
+    for t in g.initializer:
+        if t.data_type in (TensorProto.INT64, TensorProto.INT32) and int(np.prod(t.dims)) <= 64:
+            consts[t.name] = numpy_helper.to_array(t)
+    partial: dict[str, list[int | None]] = {}
+    kept = []
+    evaluators: dict[bytes, Any] = {}
+
+    def run(n) -> list[np.ndarray] | None:
+        ins = [consts[i] for i in n.input if i]
+        if any(a.dtype.kind == "f" for a in ins) and n.op_type not in ("Shape", "ConstantOfShape"):
+            return None
+        key = n.SerializeToString()
+        if key not in evaluators:
+            vis = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype), None)
+                   for i in n.input if i]
+            outs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in n.output]
+            gm = helper.make_graph([n], "f", vis, outs)
+            mm = helper.make_model(gm, opset_imports=list(proto.opset_import))
+            mm.ir_version = proto.ir_version
+            evaluators[key] = ReferenceEvaluator(mm)
+        res = evaluators[key].run(None, {i: consts[i] for i in n.input if i})
+        if any(np.asarray(r).size > 64 or np.asarray(r).dtype.kind == "f" for r in res):
+            return None
+        return [np.asarray(r) for r in res]
+
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            val = numpy_helper.to_array(n.attribute[0].t)
+            if val.dtype.kind in "iu" and val.size <= 64:
+                consts[n.output[0]] = val
+                continue
+        if n.op_type == "Shape" and n.input[0] in shapes:
+            dims = shapes[n.input[0]]
+            attrs = {a.name: a.i for a in n.attribute}
+            dims = dims[attrs.get("start", 0): attrs["end"] if "end" in attrs else None]
+            if all(d is not None for d in dims):
+                consts[n.output[0]] = np.array(dims, np.int64)
+                continue
+            partial[n.output[0]] = dims
+        elif n.op_type == "Gather" and n.input[0] in partial and n.input[1] in consts:
+            idx = consts[n.input[1]]
+            picked = np.array(partial[n.input[0]], dtype=object)[idx]
+            if all(v is not None for v in np.atleast_1d(picked)):
+                consts[n.output[0]] = np.array(picked, dtype=np.int64)
+                continue
+        elif n.op_type in _FOLDABLE and n.op_type != "Shape" and all((not i) or i in consts for i in n.input):
+            out = run(n)
+            if out is not None:
+                for o, v in zip(n.output, out):
+                    consts[o] = v
+                continue
+        kept.append(n)
+    used = {i for n in kept for i in n.input} | {o.name for o in g.output}
+    have = {t.name for t in g.initializer}
+    for name in sorted(used - have):
+        if name in consts:
+            g.initializer.append(numpy_helper.from_array(np.asarray(consts[name]), name))
+    del g.node[:]
+    g.node.extend(kept)
+    _drop_dead(proto)
+
+
+def _drop_dead(proto) -> None:
+    """Remove nodes and initializers nothing reads."""
+    g = proto.graph
+    need = {o.name for o in g.output}
+    kept = []
+    for n in reversed(list(g.node)):
+        if any(o in need for o in n.output):
+            kept.append(n)
+            need.update(i for i in n.input if i)
+    kept.reverse()
+    del g.node[:]
+    g.node.extend(kept)
+    inits = [t for t in g.initializer if t.name in need]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+def _strip_default_attributes(proto) -> None:
+    """Conv attributes equal to their defaults (unit strides/dilations, group 1, zero pads,
+    kernel_shape, inferred from the weight) are left out."""
+    for n in proto.graph.node:
+        if n.op_type != "Conv":
+            continue
+        keep = []
+        for a in n.attribute:
+            if a.name in ("dilations", "strides") and all(v == 1 for v in a.ints):
+                continue
+            if a.name == "group" and a.i == 1:
+                continue
+            if a.name == "pads" and all(v == 0 for v in a.ints):
+                continue
+            if a.name == "kernel_shape":
+                continue
+            keep.append(a)
+        del n.attribute[:]
+        n.attribute.extend(keep)
+
+
+def _dedupe(proto) -> int:
+    """Common-subexpression elimination: the traced graph recomputes the same shape arithmetic
+    (Shape -> Gather -> Unsqueeze -> Concat) and repeats identical Constants hundreds of times.
+    Merging identical nodes (same op, inputs and attributes) keeps the graph a small fraction of
+    the packed weights. Returns the number of nodes removed."""
+    g = proto.graph
+    alias: dict[str, str] = {}
+    seen: dict[bytes, list[str]] = {}
+    kept = []
+    outputs = {o.name for o in g.output}
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            if x in alias:
+                n.input[i] = alias[x]
+        if any(o in outputs for o in n.output) or n.op_type in ("RandomNormal", "RandomUniform"):
+            kept.append(n)
+            continue
+        key = n.op_type.encode() + n.domain.encode() + b"|" + "|".join(n.input).encode() + b"|" + b"".join(
+            a.SerializeToString() for a in sorted(n.attribute, key=lambda a: a.name))
+        prev = seen.get(key)
+        if prev is not None and len(prev) == len(n.output):
+            for o, p in zip(n.output, prev):
+                alias[o] = p
+            continue
+        seen[key] = list(n.output)
+        kept.append(n)
+    removed = len(g.node) - len(kept)
+    del g.node[:]
+    g.node.extend(kept)
+    return removed
+
+
+def _compact(proto) -> None:
+    """Short tensor names, no node names/doc strings/value_info: the graph text stays small
+    beside the packed weights."""
+    g = proto.graph
+    keep = {INPUT_NAME, OUTPUT_NAME}
+    ren: dict[str, str] = {}
+
+    def new(name: str) -> str:
+        if name == "" or name in keep:
+            return name
+        if name not in ren:
+            ren[name] = format(len(ren), "x")
+        return ren[name]
+
+    for t in g.initializer:
+        t.name = new(t.name)
+        t.doc_string = ""
+    for n in g.node:
+        n.name = ""
+        n.doc_string = ""
+        for i, x in enumerate(n.input):
+            n.input[i] = new(x)
+        for i, x in enumerate(n.output):
+            n.output[i] = new(x)
+    del g.value_info[:]
+    g.doc_string = ""
+    proto.doc_string = ""
+
+
+def clean_graph(proto, opset: int) -> None:
+    """Merge duplicates, fold the shape arithmetic, drop defaults and long names; set the opset
+    and the IR version that opset needs (opset 25 with INT2 needs IR 11+, onnx's table says which)."""
+    import onnx
+
+    _dedupe(proto)
+    for _ in range(8):  # each pass makes more shapes static for the next
+        before = len(proto.graph.node)
+        _fold_shape_arithmetic(proto)
+        _dedupe(proto)
+        if len(proto.graph.node) == before:
+            break
+    _strip_default_attributes(proto)
+    _compact(proto)
+    del proto.opset_import[:]
+    proto.opset_import.extend([onnx.helper.make_opsetid("", opset)])
+    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))

@@ -1,0 +1,170 @@
+"""Loading and saving models: ``.qsd`` files, reference checkpoints, the bundled models.
+
+The low layer every command stands on. A ``.qsd`` file carries its architecture and
+quantization, so it is rebuilt exactly; a reference checkpoint (``.pth``/``.pt``/``.safetensors``)
+needs ``arch`` or has it inferred from its keys and shapes; a reference LSQ checkpoint
+(``alpha`` keys) comes back as a quantized model with the same integers and steps.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import QsdError
+from .io import load_state_dict_checked, read_checkpoint, save_qsd, sha256_file, strip_quant_extras
+from .models import create_model, list_models, model_config, resolve_name
+from .quant import import_reference_lsq, restore_quantized
+from .zoo import bundled_path
+
+
+def bundled_model(ann: bool = False) -> nn.Module:
+    """The bundled ``qsd_tiny`` trained on digits (``ann=True``: its counterpart ANN)."""
+    return load(bundled_path(ann))
+
+
+def _infer_model_args(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    if "head.weight" in sd:
+        args["num_classes"] = int(sd["head.weight"].shape[0])
+    if "downsample1_1.encode_conv.weight" in sd:
+        args["in_chans"] = int(sd["downsample1_1.encode_conv.weight"].shape[1])
+    return args
+
+
+def guess_arch(sd: dict[str, torch.Tensor]) -> str | None:
+    """The registered architecture whose keys and shapes match a state_dict, if one does
+    (aliases of one topology, ``qsd_*`` and ``metaspikformer_*``, resolve to the first name)."""
+    sd, _ = strip_quant_extras(sd)
+    args = _infer_model_args(sd)
+    for name in list_models():
+        with torch.device("meta"):
+            m = create_model(name, **args)
+        own = m.state_dict()
+        if set(own) == set(sd) and all(tuple(own[k].shape) == tuple(sd[k].shape) for k in own):
+            return name
+    return None
+
+
+def has_reference_lsq(sd: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith(".alpha") for k in sd)
+
+
+def build_from_meta(meta: dict) -> nn.Module:
+    """An empty model with the architecture (and quantization) a ``.qsd`` file describes."""
+    model = create_model(meta["arch"], **meta.get("model_args", {}))
+    if meta.get("quant"):
+        model = restore_quantized(model, meta)
+    return model
+
+
+def load(path: str | os.PathLike | None = None, arch: str | None = None, prefer_ema: bool = False,
+         **model_args: Any) -> nn.Module:
+    """Return the model stored in any supported file.
+
+    ``.qsd`` files carry their architecture; for reference checkpoints (``.pth``, ``.pt``,
+    ``.safetensors``) pass ``arch`` (e.g. ``"spikformer_8_512_CAFormer"``) or let it be inferred
+    from the keys and shapes. A reference LSQ checkpoint (``alpha`` keys) is imported as a
+    quantized model. ``path=None`` loads the bundled digits model.
+    """
+    if path is None:
+        return bundled_model()
+    path = Path(path)
+    sd, meta = read_checkpoint(path, prefer_ema=prefer_ema)
+    if meta.get("arch") and arch is None:
+        model = build_from_meta(meta)
+        load_state_dict_checked(model, sd, source=str(path))
+        model.qsd_meta = meta  # type: ignore[assignment]
+        return model.eval()
+    if arch is None:
+        arch = guess_arch(sd)
+        if arch is None:
+            raise QsdError(f"cannot tell the architecture of {path}; pass --arch NAME "
+                           f"(one of {', '.join(list_models())})")
+    canonical = resolve_name(arch)
+    args = {**_infer_model_args(sd), **model_args}
+    if has_reference_lsq(sd):
+        model = import_reference_lsq(create_model(arch, **args), sd)
+    else:
+        model = create_model(arch, **args)
+        clean, _ = strip_quant_extras(sd)
+        load_state_dict_checked(model, clean, source=str(path))
+    model.qsd_meta = {  # type: ignore[assignment]
+        "kind": "reference", "arch": canonical,
+        "model_args": model_config(canonical, **args).to_dict(),
+        "source": {"path": str(path), "sha256": sha256_file(path)},
+    }
+    return model.eval()
+
+
+def model_meta(model: nn.Module) -> dict:
+    """The metadata that rebuilds ``model`` (architecture, arguments, quantization)."""
+    meta = dict(getattr(model, "qsd_meta", {}) or {})
+    meta["arch"] = getattr(model, "arch", meta.get("arch"))
+    meta["model_args"] = model.cfg.to_dict() if hasattr(model, "cfg") else meta.get("model_args", {})
+    meta.update(getattr(model, "qsd_quant_meta", None) or {})
+    return meta
+
+
+def save(model: nn.Module, path: str | os.PathLike, kind: str | None = None, **extra: Any) -> Path:
+    """Write ``model`` as a ``.qsd`` file (atomic), recording how to rebuild it and provenance."""
+    meta = model_meta(model)
+    if kind:
+        meta["kind"] = kind
+    meta["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    meta.update(extra)
+    return save_qsd(path, model.state_dict(), meta)
+
+
+def resolve_model(model: nn.Module | str | os.PathLike | None, arch: str | None = None) -> nn.Module:
+    """A model given as a module, a path, or None (the bundled model)."""
+    if isinstance(model, nn.Module):
+        return model
+    if model is None and arch is not None:
+        resolve_name(arch)  # an unknown name fails here with suggestions
+        raise QsdError(f"--arch {arch} needs the weights: pass --checkpoint PATH (or MODEL)")
+    return load(model, arch=arch)
+
+
+def newest_qsd(workdir: str | os.PathLike) -> Path | None:
+    """The most recently written ``.qsd`` file of the work directory, if any."""
+    d = Path(workdir)
+    files = sorted(d.glob("*.qsd"), key=lambda p: p.stat().st_mtime) if d.is_dir() else []
+    return files[-1] if files else None
+
+
+def resolve_source(model: nn.Module | str | os.PathLike | None, workdir: str | os.PathLike | None
+                   ) -> tuple[nn.Module, str]:
+    """The model to export/report and where it came from: a module, a path, else the newest
+    ``.qsd`` of ``workdir``, else the bundled model."""
+    if isinstance(model, nn.Module):
+        return model, getattr(model, "arch", "model")
+    if model is None:
+        found = newest_qsd(workdir) if workdir is not None else None
+        if found is not None:
+            return load(found), str(found)
+        return bundled_model(), str(bundled_path())
+    return load(model), str(model)
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present; ``cuda`` means this rank's GPU)."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QsdError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise QsdError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+__all__ = ["load", "save", "model_meta", "bundled_model", "guess_arch", "build_from_meta", "resolve_model",
+           "resolve_source", "newest_qsd", "pick_device", "has_reference_lsq"]
