@@ -199,12 +199,15 @@ def _show_convert(r: dict) -> None:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output .qsd (default: WORKDIR/converted.qsd).")
 @click.option("--no-eval", is_flag=True, help="Skip the top-1 before/after evaluation.")
+@click.option("--keep-float", is_flag=True,
+              help="Also store the float latent weights (the .qsd then has float size): finetuning starts from "
+                   "them instead of from the quantized grid points.")
 @workdir_option
 @json_option
 def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first_last_bits: str | None,
                 skip: tuple[str, ...], scale_init: str, ie_lif: str, ie_lif_init: str, calib_data: str,
                 calib_batches: int, calib_batch_size: int, arch: str | None, output: Path | None, no_eval: bool,
-                workdir: Path, as_json: bool) -> None:
+                keep_float: bool, workdir: Path, as_json: bool) -> None:
     """Low-bit weights + IE-LIF neurons: MODEL (default: the bundled digits model) -> WORKDIR/converted.qsd.
 
     MODEL is a .qsd file or a reference checkpoint (a reference LSQ checkpoint keeps its 4-bit steps).
@@ -222,7 +225,8 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
                       first_last_bits=parse_bits(first_last_bits, "--first-last-bits") if first_last_bits else None,
                       skip=list(skip), scale_init=scale_init, ie_lif=ie_lif, ie_lif_init=ie_lif_init,
                       calib_data=calib_data, calib_batches=calib_batches, calib_batch_size=calib_batch_size)
-    r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval)
+    r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval,
+                    keep_float=keep_float)
     emit(r, as_json, _show_convert)
 
 # --- finetune (qsdcompress/distill.py, qsdcompress/train) ---
@@ -294,6 +298,9 @@ def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -
               help="Checkpoints, metrics.csv and config (default: WORKDIR/finetune).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output .qsd (default: WORKDIR/finetuned.qsd).")
+@click.option("--keep-float", is_flag=True,
+              help="Also store the float latent weights in the output (for further finetuning); the run's "
+                   "own checkpoints always keep them.")
 @click.option("--eval-batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--eval-max-batches", type=click.IntRange(1), default=None)
 @click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True)

@@ -25,6 +25,7 @@ class FinetuneConfig:
     model: str | None = None            # input .qsd (default <workdir>/converted.qsd)
     workdir: str = DEFAULT_WORKDIR
     output: str | None = None           # default <workdir>/finetuned.qsd
+    keep_float: bool = False            # also store the float latent weights in the output .qsd
     run_dir: str | None = None          # checkpoints, metrics.csv, config (default <workdir>/finetune)
     data: str = "digits"
     # teacher and loss: L = CE + lambda_kd tau^2 KL + lambda_fgd FGD

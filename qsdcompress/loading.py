@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 from .errors import QsdError
-from .io import load_state_dict_checked, read_checkpoint, save_qsd, sha256_file, strip_quant_extras
+from .io import (load_state_dict_checked, pack_ints, read_checkpoint, save_qsd, sha256_file, strip_quant_extras,
+                 unpack_ints)
 from .models import create_model, list_models, model_config, resolve_name
-from .quant import import_reference_lsq, restore_quantized
+from .quant import import_reference_lsq, is_quant_layer, quant_bits, restore_quantized, weight_layers
 from .zoo import bundled_path
 
 
@@ -77,7 +78,9 @@ def load(path: str | os.PathLike | None = None, arch: str | None = None, prefer_
     sd, meta = read_checkpoint(path, prefer_ema=prefer_ema)
     if meta.get("arch") and arch is None:
         model = build_from_meta(meta)
+        ints = _unpacked(sd, model, meta, path) if meta.get("packed_weights") else {}
         load_state_dict_checked(model, sd, source=str(path))
+        _set_quantized_weights(model, ints)
         model.qsd_meta = meta  # type: ignore[assignment]
         return model.eval()
     if arch is None:
@@ -110,14 +113,67 @@ def model_meta(model: nn.Module) -> dict:
     return meta
 
 
-def save(model: nn.Module, path: str | os.PathLike, kind: str | None = None, **extra: Any) -> Path:
-    """Write ``model`` as a ``.qsd`` file (atomic), recording how to rebuild it and provenance."""
+def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """The state_dict with each quantized weight replaced by its integers, bit-packed (uint8);
+    scales, BatchNorm and everything else stay float. Shapes and widths are in the metadata
+    that rebuilds the model, so nothing else is stored."""
+    sd = dict(model.state_dict())
+    packed = False
+    for name, m in weight_layers(model):
+        if not is_quant_layer(m):
+            continue
+        bits = quant_bits(m)
+        with torch.no_grad():
+            ints = m.quant_weight().int().detach().cpu().to(torch.int64)
+        key = f"{name}.weight"
+        sd[key] = torch.frombuffer(bytearray(pack_ints(ints.numpy(), bits)), dtype=torch.uint8)
+        packed = True
+    return sd, packed
+
+
+def _unpacked(sd: dict[str, torch.Tensor], model: nn.Module, meta: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Replace the packed weights of ``sd`` (every quantized layer the metadata lists) by zero
+    placeholders; return their integers by key."""
+    ints = {}
+    for name, bits in (meta.get("quant") or {}).get("layers", {}).items():
+        key = f"{name}.weight"
+        if key not in sd:
+            raise QsdError(f"{path}: packed weight {key} is missing")
+        shape = model.get_submodule(name).weight.shape
+        ints[key] = torch.from_numpy(unpack_ints(sd[key].numpy().tobytes(), shape.numel(), int(bits))).reshape(shape)
+        sd[key] = torch.zeros(shape)
+    return ints
+
+
+@torch.no_grad()
+def _set_quantized_weights(model: nn.Module, ints: dict[str, torch.Tensor]) -> None:
+    """Weights ``ints * step``: the quantizer gives back exactly these integers (and values)."""
+    for key, v in ints.items():
+        layer = model.get_submodule(key[: -len(".weight")])
+        scale = layer.quant_weight().scale.detach()  # from the loaded scale parameter alone
+        layer.weight.copy_(v.to(layer.weight.dtype) * scale)
+
+
+def save(model: nn.Module, path: str | os.PathLike, kind: str | None = None, keep_float: bool = False,
+         **extra: Any) -> Path:
+    """Write ``model`` as a ``.qsd`` file (atomic), recording how to rebuild it and provenance.
+
+    Quantized weights are stored as bit-packed integers (the file follows the bits); their float
+    latent weights, which only further finetuning needs, are kept with ``keep_float=True``.
+    Loading gives the same quantized weights and logits either way.
+    """
     meta = model_meta(model)
+    meta.pop("packed_weights", None)
     if kind:
         meta["kind"] = kind
     meta["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     meta.update(extra)
-    return save_qsd(path, model.state_dict(), meta)
+    if keep_float:
+        return save_qsd(path, model.state_dict(), meta)
+    sd, packed = _packed_state(model)
+    if packed:
+        meta["packed_weights"] = True
+    return save_qsd(path, sd, meta)
 
 
 def resolve_model(model: nn.Module | str | os.PathLike | None, arch: str | None = None) -> nn.Module:

@@ -103,8 +103,12 @@ def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str) 
 
 def run_convert(model: str | os.PathLike | nn.Module | None = None, config: QuantConfig | None = None,
                 arch: str | None = None, workdir: str | os.PathLike = DEFAULT_WORKDIR,
-                output: str | os.PathLike | None = None, evaluate_top1: bool = True) -> dict:
-    """What ``qsdcompress convert`` does: load, convert, evaluate before/after, save; a summary dict."""
+                output: str | os.PathLike | None = None, evaluate_top1: bool = True, keep_float: bool = False) -> dict:
+    """What ``qsdcompress convert`` does: load, convert, evaluate before/after, save; a summary dict.
+
+    The ``.qsd`` holds bit-packed integer weights; ``keep_float`` also keeps the float latent
+    weights, so that finetuning starts from the float model's weights rather than their grid points.
+    """
     config = (config or QuantConfig()).validate()
     out_path = Path(output) if output is not None else Path(workdir) / "converted.qsd"
     ensure_writable_dir(out_path.parent)  # before minutes of calibration, not after
@@ -123,7 +127,7 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
         float_model.qsd_meta = {**(getattr(float_model, "qsd_meta", None) or {}), "source": source}
     converted = convert(float_model, config)
     seconds = time.perf_counter() - t0
-    save(converted, out_path, kind="converted")
+    save(converted, out_path, kind="converted", keep_float=keep_float)
     before, after = _top1_before_after(float_model, converted, config.calib_data) if evaluate_top1 else (None, None)
     return {"output": str(out_path), "top1_before": before, "top1_after": after,
             "top1_data": config.calib_data if before is not None else None,
@@ -157,7 +161,7 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
 
     say(f"1/4 convert: {bits}-bit weights, IE-LIF on q/k/v")
     t = time.perf_counter()
-    conv = run_convert(None, QuantConfig(bits=bits), workdir=wd)
+    conv = run_convert(None, QuantConfig(bits=bits), workdir=wd, keep_float=True)  # finetune starts from float
     stages["convert"] = {**{k: conv[k] for k in ("output", "top1_before", "top1_after")},
                          "seconds": round(time.perf_counter() - t, 1)}
 

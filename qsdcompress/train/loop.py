@@ -421,7 +421,7 @@ def finish(run: Run, seconds: float) -> dict:
         "seconds": round(seconds, 1),
     }
     if run.dist.main:
-        save(run.student, run.output, kind="finetuned",
+        save(run.student, run.output, kind="finetuned", keep_float=run.cfg.keep_float,
              finetune={"config": run.cfg.to_dict(), "top1": best["top1"], "best_epoch": best["epoch"],
                        "epochs": len(history), "steps": run.step, "teacher": result["teacher"], "input": run.source})
     if run.dist.world > 1:
