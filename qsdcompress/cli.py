@@ -174,8 +174,12 @@ def _show_convert(r: dict) -> None:
     s.add_row("size (paper convention)", f"{r['size_mb_paper']} MB vs {r['float_size_mb_paper']} MB")
     if r.get("top1_before") is not None:
         s.add_row(f"top-1 on {r['top1_data']} test", f"{r['top1_before'] * 100:.2f}% -> {r['top1_after'] * 100:.2f}%")
+    cal = r.get("calibration") or {}
+    s.add_row("calibration", f"{cal.get('samples', 0)} images of {cal.get('data') or '-'}")
     s.add_row("time", f"{r['convert_seconds']} s")
     console.print(s)
+    if cal.get("note"):
+        console.print(f"[yellow]note:[/] {cal['note']}")
 
 
 @main.command("convert", context_settings=CONTEXT)
@@ -191,10 +195,14 @@ def _show_convert(r: dict) -> None:
               help="Which neurons become IE-LIF: q/k/v, also the attention neuron, every neuron, or none.")
 @click.option("--ie-lif-init", type=click.Choice(["identity", "rectify"]), default="identity", show_default=True,
               help="identity: reproduce the replaced neuron exactly; rectify: gamma 0.25, beta 0.5.")
-@click.option("--calib-data", default="digits", show_default=True,
-              help="Calibration images (no labels needed): digits | synthetic[:N] | cifar10:DIR | an ImageFolder.")
-@click.option("--calib-batches", type=click.IntRange(0), default=8, show_default=True)
+@click.option("--data", "--calib-data", "calib_data", default="digits", show_default=True,
+              help="Calibration images (labels unused; their test split also gives top-1 before/after): "
+                   "digits | synthetic[:N] | cifar10:DIR | an ImageFolder directory.")
+@click.option("--calib-samples", type=click.IntRange(0), default=256, show_default=True,
+              help="Images that calibrate the IE-LIF statistics (0: no calibration).")
 @click.option("--calib-batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--calib-batches", type=click.IntRange(0), default=None, hidden=True,
+              help="Older form of --calib-samples: this many batches of --calib-batch-size.")
 @click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output .qsd (default: WORKDIR/converted.qsd).")
@@ -206,7 +214,8 @@ def _show_convert(r: dict) -> None:
 @json_option
 def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first_last_bits: str | None,
                 skip: tuple[str, ...], scale_init: str, ie_lif: str, ie_lif_init: str, calib_data: str,
-                calib_batches: int, calib_batch_size: int, arch: str | None, output: Path | None, no_eval: bool,
+                calib_samples: int, calib_batch_size: int, calib_batches: int | None, arch: str | None,
+                output: Path | None, no_eval: bool,
                 keep_float: bool, workdir: Path, as_json: bool) -> None:
     """Low-bit weights + IE-LIF neurons: MODEL (default: the bundled digits model) -> WORKDIR/converted.qsd.
 
@@ -216,15 +225,17 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
     Examples:
       qsdcompress convert --bits 4
       qsdcompress convert --bits 4 --first-last-bits 8 --layer-bits 'block3.*.mlp.*=2'
-      qsdcompress convert 8_512.pth --arch spikformer_8_512_CAFormer --calib-data /data/imagenet
+      qsdcompress convert 8_512.pth --arch spikformer_8_512_CAFormer --data /data/imagenet --calib-samples 1024
     """
     from .pipeline import run_convert
     from .quant import QuantConfig, parse_bits, parse_layer_bits
 
+    if calib_batches is not None:
+        calib_samples = calib_batches * calib_batch_size
     cfg = QuantConfig(bits=parse_bits(bits), layer_bits=parse_layer_bits(layer_bits),
                       first_last_bits=parse_bits(first_last_bits, "--first-last-bits") if first_last_bits else None,
                       skip=list(skip), scale_init=scale_init, ie_lif=ie_lif, ie_lif_init=ie_lif_init,
-                      calib_data=calib_data, calib_batches=calib_batches, calib_batch_size=calib_batch_size)
+                      calib_data=calib_data, calib_samples=calib_samples, calib_batch_size=calib_batch_size)
     r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval,
                     keep_float=keep_float)
     emit(r, as_json, _show_convert)
@@ -237,11 +248,12 @@ def _show_finetune(r: dict) -> None:
     from .ui import console
 
     t = Table(title=f"finetune -> {r['output']} (teacher {r.get('teacher')})")
-    for c in ("epoch", "loss", "ce", "kd", "fgd", "val top1", "img/s"):
+    for c in ("epoch", "loss", "ce", "kd", "fgd", "val top1", "H(qkv)", "img/s"):
         t.add_column(c, justify="right")
     for h in r.get("history", []):
+        ent = f"{h['entropy_qkv']:.2f}" if "entropy_qkv" in h else "-"
         t.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{h['ce']:.4f}", f"{h['kd']:.4f}", f"{h['fgd']:.4f}",
-                  f"{h['val_top1'] * 100:.2f}%", str(h.get("images_per_s")))
+                  f"{h['val_top1'] * 100:.2f}%", ent, str(h.get("images_per_s")))
     console.print(t)
     console.print(f"kept epoch {r['best_epoch']} ({r['kept']}): top-1 {r['top1'] * 100:.2f}% "
                   f"in {r['seconds']:.0f}s; metrics: {r['metrics_csv']}")

@@ -101,6 +101,20 @@ def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str) 
             evaluate(converted, loader, description="eval converted")["top1"])
 
 
+def calibration_note(model: nn.Module, calibration: dict) -> str | None:
+    """A plain warning when the images that calibrated ``model`` are not of its kind: the digits
+    default used on a model that is not a 10-class small-image model (an ImageNet model, say)."""
+    data, n = calibration.get("data"), calibration.get("samples", 0)
+    if data != "digits" or not n:
+        return None
+    size = tuple(DataConfig.from_model(model).input_size)
+    if getattr(model, "num_classes", 10) == 10 and size[1] <= 64:
+        return None
+    return (f"calibrated on {n} digits images resized to {size[1]}x{size[2]}: their statistics say little about "
+            f"a {getattr(model, 'num_classes', '?')}-class {size[1]} px model; pass --data with images of its "
+            f"own distribution (e.g. an ImageFolder of its training set)")
+
+
 def run_convert(model: str | os.PathLike | nn.Module | None = None, config: QuantConfig | None = None,
                 arch: str | None = None, workdir: str | os.PathLike = DEFAULT_WORKDIR,
                 output: str | os.PathLike | None = None, evaluate_top1: bool = True, keep_float: bool = False) -> dict:
@@ -129,8 +143,10 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     seconds = time.perf_counter() - t0
     save(converted, out_path, kind="converted", keep_float=keep_float)
     before, after = _top1_before_after(float_model, converted, config.calib_data) if evaluate_top1 else (None, None)
+    calibration = dict(converted.qsd_quant_meta.get("calibration") or {})
+    calibration["note"] = calibration_note(converted, calibration)
     return {"output": str(out_path), "top1_before": before, "top1_after": after,
-            "top1_data": config.calib_data if before is not None else None,
+            "top1_data": config.calib_data if before is not None else None, "calibration": calibration,
             "arch": getattr(converted, "arch", None), "config": config.to_dict(),
             **convert_summary(converted), "source": converted.qsd_quant_meta.get("source", {}),
             "convert_seconds": round(seconds, 2)}
@@ -236,4 +252,5 @@ def _bytes(n: int | None) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-__all__ = ["evaluate_model", "convert_model", "run_convert", "convert_summary", "demo", "show_demo"]
+__all__ = ["evaluate_model", "convert_model", "run_convert", "convert_summary", "calibration_note", "demo",
+           "show_demo"]

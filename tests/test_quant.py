@@ -9,6 +9,8 @@ import torch.nn as nn
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from qsdcompress.cli import main
+
 import qsdcompress as q
 from qsdcompress.data import DataConfig, build_loader
 from qsdcompress.errors import QsdError
@@ -393,3 +395,26 @@ def test_lsq_gradient_scaling_hook():
             pb = b.weight_quant.tensor_quant.scaling_impl.value
             g = 1 / math.sqrt(a.weight.numel() * 7)  # Qp = 7 at 4 bits
             assert torch.allclose(pb.grad, pa.grad * g, rtol=1e-6, atol=0), name
+
+
+def test_calibration_is_sized_in_samples_and_recorded(tmp_path):
+    m = convert(q.load(), QuantConfig(bits=4, calib_samples=10, calib_batch_size=4))
+    assert m.qsd_quant_meta["calibration"] == {"data": "digits", "samples": 10}
+    assert convert(q.load(), QuantConfig(bits=4, calib_samples=0)).qsd_quant_meta["calibration"]["samples"] == 0
+    r = CliRunner().invoke(main, ["convert", "--calib-samples", "40", "--no-eval", "--json",
+                                  "--workdir", str(tmp_path / "wd")])
+    assert r.exit_code == 0, r.output
+    cal = json.loads(r.stdout)["calibration"]
+    assert cal["samples"] == 40 and cal["data"] == "digits" and cal["note"] is None
+    loaded = q.load(tmp_path / "wd" / "converted.qsd")
+    assert loaded.qsd_meta["calibration"]["samples"] == 40
+
+
+def test_calibrating_a_non_digits_model_on_digits_says_so():
+    from qsdcompress.pipeline import calibration_note
+
+    other = q.create_model("qsd_tiny", num_classes=100)
+    note = calibration_note(other, {"data": "digits", "samples": 256})
+    assert note and "256 digits images" in note and "--data" in note
+    assert calibration_note(q.load(), {"data": "digits", "samples": 256}) is None
+    assert calibration_note(other, {"data": "/data/imagenet", "samples": 256}) is None

@@ -219,8 +219,24 @@ def test_cli_recipe_command_line_wins_and_json(tmp_path, converted):
     assert "torch" in resolved["versions"]
     header = (wd / "finetune" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"ce", "kd", "fgd", "val_top1", "images_per_s"} <= set(header)
+    # spike statistics of each epoch: firing rate per stage, q/k/v entropy per block
+    assert {"rate.block3", "rate.ConvBlock1_1", "entropy.block3.0.q", "entropy.block4.0.v", "entropy_qkv"} <= set(header)
+    row = out["history"][0]
     m = q.load(wd / "finetuned.qsd")
     assert m.qsd_meta["kind"] == "finetuned" and m.qsd_meta.get("quant")
+    # against a direct count on the same evaluation batch (the first 256 digits test images)
+    from qsdcompress.data import DataConfig, build_loader
+    from qsdcompress.neurons import information_entropy
+
+    x = next(iter(build_loader("digits", "test", DataConfig.from_model(m), batch_size=256)))[0]
+    seen = {}
+    n = m.block3[0].attn.q_lif
+    h = n.register_forward_hook(lambda _m, _i, o: seen.setdefault("q", o.detach()))
+    with torch.no_grad():
+        m.eval()(x)
+    h.remove()
+    counts = torch.bincount(torch.floor(seen["q"] / n.out_scale + 0.5).long().flatten(), minlength=n.levels + 1)
+    assert row["entropy.block3.0.q"] == pytest.approx(information_entropy(counts), abs=1e-9)
     # --resume alone continues with the run's own options (here: already finished, nothing to do)
     res = CliRunner().invoke(main, ["finetune", "--workdir", str(wd), "--resume", "--json"])
     assert res.exit_code == 0, res.output[-2000:]

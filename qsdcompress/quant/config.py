@@ -58,6 +58,7 @@ class QuantConfig:
     ie_lif_momentum: float = 0.1
     ie_lif_eps: float = 1e-5
     calib_data: str = "digits"
+    calib_samples: int | None = None    # calibration images; None: calib_batches x calib_batch_size (256)
     calib_batches: int = 8
     calib_batch_size: int = 32
     mse_grid: int = 16          # coarse candidates of the mse search (then as many refined ones)
@@ -75,11 +76,18 @@ class QuantConfig:
                 raise QsdError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.calib_batches < 0:
             raise QsdError(f"--calib-batches must be >= 0, got {self.calib_batches}")
+        if self.calib_samples is not None and self.calib_samples < 0:
+            raise QsdError(f"--calib-samples must be >= 0, got {self.calib_samples}")
         if self.calib_batch_size < 1:
             raise QsdError(f"calibration batch size must be >= 1, got {self.calib_batch_size}")
         if self.mse_grid < 2:
             raise QsdError(f"mse_grid must be >= 2, got {self.mse_grid}")
         return self
+
+    @property
+    def num_calib_samples(self) -> int:
+        """Calibration images: ``calib_samples``, else ``calib_batches x calib_batch_size``."""
+        return self.calib_samples if self.calib_samples is not None else self.calib_batches * self.calib_batch_size
 
     def to_dict(self) -> dict:
         return asdict(self)

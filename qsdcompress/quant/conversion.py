@@ -59,7 +59,8 @@ def restore_quantized(model: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
         old = model.get_submodule(name)
         model.set_submodule(name, AffineMultiSpike(int(spec["channels"]), levels=int(spec.get("levels", old.levels)),
                                                   out_scale=float(spec.get("out_scale", old.out_scale))))
-    model.qsd_quant_meta = {k: copy.deepcopy(meta[k]) for k in ("quant", "neurons", "source") if k in meta}
+    model.qsd_quant_meta = {k: copy.deepcopy(meta[k]) for k in ("quant", "neurons", "source", "calibration")
+                            if k in meta}
     return model
 
 
@@ -100,13 +101,17 @@ def calib_loader_for(model: nn.Module, config: QuantConfig):
                         shuffle=True, num_classes=getattr(model, "num_classes", 10), seed=0)
 
 
-def _first_batches(loader: Iterable | None, n: int) -> list[torch.Tensor]:
+def _first_samples(loader: Iterable | None, n: int) -> list[torch.Tensor]:
+    """Image batches holding the first ``n`` images of a loader (labels dropped)."""
     out: list[torch.Tensor] = []
+    seen = 0
     if loader is None or n <= 0:
         return out
     for batch in loader:
-        out.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
-        if len(out) >= n:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        out.append(x[: n - seen])
+        seen += len(out[-1])
+        if seen >= n:
             break
     return out
 
@@ -116,8 +121,9 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
     """Quantize weights, put in IE-LIF neurons and calibrate; returns the converted model.
 
     The float model survives unless ``inplace``. ``calib_loader`` yields image batches (or
-    ``(images, labels)``); ``None`` builds one from ``config.calib_data`` when
-    ``config.calib_batches > 0``. Sets ``model.qsd_quant_meta`` for ``qsdcompress.save``.
+    ``(images, labels)``); ``None`` builds one from ``config.calib_data``. The first
+    ``config.num_calib_samples`` images calibrate. Sets ``model.qsd_quant_meta`` (with the
+    calibration data and image count) for ``qsdcompress.save``.
     """
     if config is None:
         config = QuantConfig()
@@ -125,9 +131,10 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
         config = QuantConfig.from_dict(config)
     config.validate()
     targets = ie_lif_targets(model, config.ie_lif)  # errors before any work
-    if calib_loader is None and config.calib_batches > 0:
+    calib_from = "the caller's loader" if calib_loader is not None else config.calib_data
+    if calib_loader is None and config.num_calib_samples > 0:
         calib_loader = calib_loader_for(model, config)
-    batches = _first_batches(calib_loader, config.calib_batches)
+    batches = _first_samples(calib_loader, config.num_calib_samples)
     m = model if inplace else copy.deepcopy(model)
     was_training = m.training
     m.eval()
@@ -145,6 +152,8 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
     m.train(was_training)
     source = dict((getattr(model, "qsd_meta", None) or {}).get("source") or {})
     m.qsd_quant_meta = quant_meta(m, config, source)
+    m.qsd_quant_meta["calibration"] = {"data": calib_from if batches else None,
+                                       "samples": sum(len(b) for b in batches)}
     return m
 
 

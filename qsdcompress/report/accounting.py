@@ -28,10 +28,93 @@ from ..quant import weight_layers
 from ..sizing import layer_widths, model_size
 from .energy import EnergyTable
 
+class SpikeRecorder:
+    """Per neuron, while active: the histogram of spike levels ``0..D``, the spike sum and the
+    number of elements seen (forward hooks). The report and finetuning's per-epoch statistics
+    both count spikes with it."""
+
+    def __init__(self, model: nn.Module, histograms: set[str] | None = None):
+        """``histograms``: the neurons whose level histograms are kept (None: all); the others
+        only sum their spikes, which is all a firing rate needs and costs one pass."""
+        self.model = model
+        self.histograms = histograms
+        self.hist: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, float] = {}
+        self.elements: dict[str, int] = {}
+        self._hooks: list = []
+
+    def __enter__(self) -> "SpikeRecorder":
+        for name, n in iter_neurons(self.model):
+            self._hooks.append(n.register_forward_hook(self._hook(name, n)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _hook(self, name: str, n: Neuron):
+        levels = n.levels
+        weights = torch.arange(levels + 1, dtype=torch.float64)
+
+        def h(_m, _i, out):
+            with torch.no_grad():
+                if self.histograms is not None and name not in self.histograms:
+                    total = float(out.detach().sum(dtype=torch.float64)) / n.out_scale
+                    self.elements[name] = self.elements.get(name, 0) + out.numel()
+                    self.sums[name] = self.sums.get(name, 0.0) + total
+                    return
+                if n.spiking:  # outputs are exact multiples of out_scale: the counts need no rounding
+                    counts = (out.detach() * (1.0 / n.out_scale)).to(torch.int64).flatten()
+                    hist = torch.bincount(counts, minlength=levels + 1)[: levels + 1].cpu()
+                    total = float((hist.double() * weights).sum())
+                else:  # a real-valued activation (counterpart ANN): its mean, and levels by rounding
+                    v = (out.detach().float() / n.out_scale).clamp(0, levels)
+                    hist = torch.bincount(torch.floor(v + 0.5).long().flatten(), minlength=levels + 1)[: levels + 1]
+                    total = float(v.double().sum())
+                self.hist[name] = self.hist.get(name, torch.zeros(levels + 1, dtype=torch.long)) + hist.cpu()
+                self.elements[name] = self.elements.get(name, 0) + out.numel()
+                self.sums[name] = self.sums.get(name, 0.0) + total
+        return h
+
+    def rate(self, name: str) -> float:
+        """Mean spike count per element and time step (an integer spike S counts S times)."""
+        return self.sums[name] / max(self.elements[name], 1)
+
+    def entropy(self, name: str) -> float:
+        return information_entropy(self.hist[name])
+
+
+def qkv_neurons(model: nn.Module) -> set[str]:
+    return set(describe(model).attention_neurons(("q", "k", "v")))
+
+
+def spike_statistics(model: nn.Module, rec: SpikeRecorder) -> dict[str, float]:
+    """Flat statistics of a recorded run: mean firing rate per stage (top-level module),
+    ``rate.<stage>``; entropy in bits of the q/k/v spikes per attention block,
+    ``entropy.<block>.<q|k|v>``; and their mean, ``entropy_qkv``."""
+    stages: dict[str, list[float]] = {}
+    for name in rec.elements:
+        acc = stages.setdefault(name.split(".")[0], [0.0, 0])
+        acc[0] += rec.sums[name]
+        acc[1] += rec.elements[name]
+    out = {f"rate.{k}": v[0] / max(v[1], 1) for k, v in stages.items()}
+    ents = []
+    for site in describe(model).attention:
+        block = site.name[: -len(".attn")] if site.name.endswith(".attn") else site.name
+        for z in ("q", "k", "v"):
+            neuron = getattr(site, z)
+            if neuron in rec.hist:
+                out[f"entropy.{block}.{z}"] = rec.entropy(neuron)
+                ents.append(out[f"entropy.{block}.{z}"])
+    if ents:
+        out["entropy_qkv"] = sum(ents) / len(ents)
+    return out
+
+
 @dataclass
 class _Stats:
-    spikes: dict[str, torch.Tensor] = field(default_factory=dict)   # neuron -> histogram (D+1,)
-    elements: dict[str, int] = field(default_factory=dict)          # neuron -> elements*T seen
+    spikes: SpikeRecorder
     macs: dict[str, float] = field(default_factory=dict)            # layer -> MACs per image and step
     attn: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # attn module -> (N, C, heads)
     correct: int = 0
@@ -45,21 +128,10 @@ def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None)
     layer and top-1."""
     model.eval()
     set_spike_mode(model, "integer")
-    st = _Stats()
+    st = _Stats(SpikeRecorder(model))
     T = int(getattr(model, "T", 1))
     ctx: dict[str, int] = {"B": 1}
     hooks = []
-
-    def neuron_hook(name: str, n: Neuron):
-        def h(_m, _i, out):
-            s = torch.floor(out.detach().float() / n.out_scale + 0.5) if n.spiking else out.detach().float() / n.out_scale
-            s = s.clamp(0, n.levels)
-            hist = torch.bincount(torch.floor(s + 0.5).long().flatten(), minlength=n.levels + 1)[: n.levels + 1]
-            st.spikes[name] = st.spikes.get(name, torch.zeros(n.levels + 1, dtype=torch.long)) + hist
-            st.elements[name] = st.elements.get(name, 0) + s.numel()
-            st.spikes.setdefault(name + "#sum", torch.zeros((), dtype=torch.float64))
-            st.spikes[name + "#sum"] += s.double().sum()
-        return h
 
     def layer_hook(name: str, m: nn.Module):
         def h(_m, _i, out):
@@ -75,13 +147,12 @@ def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None)
             st.attn[name] = (H * W, C, heads)
         return h
 
-    for name, n in iter_neurons(model):
-        hooks.append(n.register_forward_hook(neuron_hook(name, n)))
     for name, m in weight_layers(model):
         hooks.append(m.register_forward_hook(layer_hook(name, m)))
     for site in describe(model).attention:
         hooks.append(model.get_submodule(site.name).register_forward_hook(attn_hook(site.name, site.num_heads)))
     try:
+        st.spikes.__enter__()
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
@@ -93,15 +164,12 @@ def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None)
                 st.correct += int((logits.argmax(1) == y).sum())
             st.seen += int(x.shape[0])
     finally:
+        st.spikes.__exit__()
         for h in hooks:
             h.remove()
     if st.seen == 0:
         raise QsdError("report: the data gave no batches")
     return st
-
-
-def _rate(st: _Stats, neuron: str) -> float:
-    return float(st.spikes[neuron + "#sum"]) / max(st.elements[neuron], 1)
 
 
 def layer_rows(model: nn.Module, st: _Stats, table: EnergyTable, bits_override: int | None = None) -> list[dict]:
@@ -126,7 +194,7 @@ def layer_rows(model: nn.Module, st: _Stats, table: EnergyTable, bits_override: 
             row.update(firing_rate=None, sops=0.0, energy_pj=table.e_mac_pj * T * macs,
                        op="MAC (first layer, real input)" if src is None and first else "MAC")
         else:
-            r = _rate(st, src)
+            r = st.spikes.rate(src)
             sops = r * T * macs
             row.update(firing_rate=r, sops=sops, energy_pj=table.e_ac(b) * sops, op="AC")
         first = False
@@ -137,7 +205,7 @@ def layer_rows(model: nn.Module, st: _Stats, table: EnergyTable, bits_override: 
         for prod, suffix, src in (("SDSA k^T v", "kv", f"{name}.k_lif"), ("SDSA q (k^T v)", "q_kv", f"{name}.q_lif")):
             macs = float(N * C * c)
             spiking = src in neurons and neurons[src].spiking
-            r = _rate(st, src) if src in st.elements else 0.0
+            r = st.spikes.rate(src) if src in st.spikes.elements else 0.0
             sops = r * T * macs if spiking else 0.0
             rows.append({"name": f"{name}.{suffix}", "type": prod, "weight_bits": ab,
                          "params": 0, "macs": macs, "input": src, "firing_rate": r if spiking else None,
@@ -149,10 +217,10 @@ def layer_rows(model: nn.Module, st: _Stats, table: EnergyTable, bits_override: 
 def neuron_rows(st: _Stats, model: nn.Module) -> list[dict]:
     out = []
     for name, n in iter_neurons(model):
-        if name not in st.elements:
+        if name not in st.spikes.elements:
             continue
-        hist = st.spikes[name]
-        out.append({"name": name, "type": type(n).__name__, "levels": n.levels, "firing_rate": _rate(st, name),
+        hist = st.spikes.hist[name]
+        out.append({"name": name, "type": type(n).__name__, "levels": n.levels, "firing_rate": st.spikes.rate(name),
                     "histogram": [int(v) for v in hist], "entropy_bits": information_entropy(hist),
                     "max_entropy_bits": math.log2(n.levels + 1)})
     return out
@@ -174,4 +242,4 @@ def totals(model: nn.Module, rows: list[dict], st: _Stats, bits_override: int | 
 
 
 
-__all__ = ["collect", "layer_rows", "neuron_rows", "totals", "SIZE_KEYS"]
+__all__ = ["collect", "layer_rows", "neuron_rows", "totals", "SIZE_KEYS", "SpikeRecorder", "spike_statistics", "qkv_neurons"]

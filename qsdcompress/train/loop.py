@@ -38,6 +38,7 @@ from ..io import atomic_write_text, ensure_writable_dir, package_versions
 from ..loading import load, save
 from ..metrics import evaluate
 from ..quant import attach_lsq_grad_scale
+from ..report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from ..ui import console, progress_bar
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_options, checkpoint_path, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
@@ -361,13 +362,17 @@ def train_one_epoch(run: Run, epoch: int, on_step: Callable | None = None,
 
 
 def validate(run: Run, epoch: int) -> dict:
-    """Top-1/top-5/loss of the student (and its EMA, which wins when better) on the test loader."""
+    """Top-1/top-5/loss of the student (and its EMA, which wins when better) on the evaluation
+    loader, with the student's spike statistics on the same batches (firing rate per stage,
+    entropy of the q/k/v spikes per block)."""
     cfg = run.cfg
     if run.capture is not None:
         run.capture.enabled = False
-    r = evaluate(run.student, run.test_loader, run.dist.device, description=f"eval epoch {epoch + 1}",
-                 max_batches=cfg.eval_max_batches)
-    out = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "source": "model"}
+    with SpikeRecorder(run.student, histograms=qkv_neurons(run.student)) as rec:
+        r = evaluate(run.student, run.test_loader, run.dist.device, description=f"eval epoch {epoch + 1}",
+                     max_batches=cfg.eval_max_batches)
+    out = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "source": "model",
+           "spikes": spike_statistics(run.student, rec)}
     if run.ema is not None:
         re = evaluate(run.ema.module, run.test_loader, run.dist.device, description=f"eval EMA epoch {epoch + 1}",
                       max_batches=cfg.eval_max_batches)
@@ -389,6 +394,7 @@ def end_epoch(run: Run, epoch: int, ev: dict) -> None:
            "images_per_s": round(run.sums["images"] / max(run.sums["seconds"], 1e-9), 1)}
     if "ema_top1" in ev:
         row["ema_top1"] = ev["ema_top1"]
+    row.update(ev["spikes"])
     run.history.append(row)
     if ev["top1"] > run.best["top1"]:
         run.best = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "epoch": epoch + 1,
@@ -398,8 +404,9 @@ def end_epoch(run: Run, epoch: int, ev: dict) -> None:
     run.sums = _zero_sums()
     if run.dist.main:
         write_csv(run.run_dir / "metrics.csv", run.history)
+        entropy = f", q/k/v entropy {row['entropy_qkv']:.2f} bits" if "entropy_qkv" in row else ""
         console.print(f"epoch {epoch + 1}/{run.epochs}: loss {row['loss']:.4f} (ce {row['ce']:.4f} kd {row['kd']:.4f} "
-                      f"fgd {row['fgd']:.4f}) val top1 {ev['top1'] * 100:.2f}% [{ev['source']}]")
+                      f"fgd {row['fgd']:.4f}) val top1 {ev['top1'] * 100:.2f}% [{ev['source']}]{entropy}")
 
 
 def finish(run: Run, seconds: float) -> dict:
