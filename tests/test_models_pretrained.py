@@ -178,3 +178,10 @@ def test_environment_alone_selects_the_offline_cache(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "ok True"
+
+
+def test_hf_hub_name_without_timm_config_is_one_line(offline_hub):
+    with pytest.raises(QsdError) as e:
+        q.create_model("hf-hub:Xuerui123/QSD_Transformer", pretrained=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "qsd_8_512.w4_in1k" in msg and "pretrained_cfg_overlay=dict(file=PATH)" in msg

@@ -24,7 +24,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, resolve_pretrained_cfg
 from timm.models import register_model as _timm_register
 
-from ..errors import QsdError
+from ..errors import QsdError, one_line
 from ._structure import AttentionSite, ModelStructure, RepConvSite, describe
 from .spikedriven import SDTConfig, SpikeDrivenTransformer
 
@@ -183,6 +183,23 @@ def _no_weights(name: str, canonical: str) -> QsdError:
                     f"or `qsdcompress eval PATH --arch {canonical}`")
 
 
+def _create_from_source(name: str, pretrained: bool, overlay: dict | None, cache_dir: Any,
+                        kwargs: dict[str, Any]) -> nn.Module:
+    """An ``hf-hub:``/``local-dir:`` name through ``timm.create_model`` (its ``config.json`` names
+    the architecture); a repository without one (the authors' own) gets a one-line error."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay,
+                                 cache_dir=cache_dir, **kwargs)
+    except QsdError:
+        raise
+    except Exception as e:  # no config.json (offline, not cached, or not a timm repository)
+        tags = ", ".join(f"{a}.{t}" for a, (t, _) in HUB_WEIGHTS.items())
+        raise QsdError(f"{name}: no timm config.json ({one_line(e, 100)}); for the authors' weights use "
+                       f"{tags} with pretrained_cfg_overlay=dict(file=PATH) or dict(hf_hub_filename=NAME)") from None
+
+
 def create_model(name: str, pretrained: bool = False, pretrained_cfg: Any = None,
                  pretrained_cfg_overlay: dict | None = None, cache_dir: Any = None,
                  **kwargs: Any) -> nn.Module:
@@ -196,10 +213,7 @@ def create_model(name: str, pretrained: bool = False, pretrained_cfg: Any = None
     names go through ``timm.create_model``.
     """
     if name.startswith(("hf-hub:", "local-dir:")):
-        import timm
-
-        return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=pretrained_cfg_overlay,
-                                 cache_dir=cache_dir, **kwargs)
+        return _create_from_source(name, pretrained, pretrained_cfg_overlay, cache_dir, kwargs)
     base, _, tag = name.partition(".")
     canonical = resolve_name(base if tag else name)
     for k in _TIMM_KWARGS:
