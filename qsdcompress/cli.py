@@ -276,7 +276,11 @@ def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -
               help="ann (counterpart ANN), vit_digits (bundled ViT), a timm name or alias "
                    "(vit_base, deit_small, caformer_b36, ...) or a .qsd file.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-              help="Teacher weights (timm/HF .pth/.bin/.safetensors or .qsd); needed offline.")
+              help="Teacher weights (timm/HF .pth/.bin/.safetensors or .qsd); needed offline. Any image "
+                   "size, class count and depth: read from the weights.")
+@click.option("--teacher-img-size", type=click.IntRange(1), default=None,
+              help="Input size of a timm teacher (default: the size its checkpoint was trained at; "
+                   "position embeddings are resampled to another).")
 @click.option("--data", default="digits", show_default=True,
               help="digits | synthetic[:N] | cifar10:DIR | cifar100:DIR | an ImageFolder directory.")
 @click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)

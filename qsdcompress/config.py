@@ -31,6 +31,7 @@ class FinetuneConfig:
     # teacher and loss: L = CE + lambda_kd tau^2 KL + lambda_fgd FGD
     teacher: str = "ann"
     teacher_checkpoint: str | None = None
+    teacher_img_size: int | None = None  # timm teacher input size (default: the checkpoint's own)
     lambda_kd: float = 1.0
     tau: float = 1.0
     lambda_fgd: float = 1.0

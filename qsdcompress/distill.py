@@ -4,7 +4,8 @@
   short alias (``vit_base``, ``deit_small``, ``caformer_b36``, ...), the bundled digits ViT
   (``vit_digits``) or a ``.qsd`` file. A teacher is frozen, in eval mode, and gets the batch
   re-sized and re-normalised to its own input configuration. It is never silently random: without
-  weights (and offline) it is an error.
+  weights (and offline) it is an error. A timm checkpoint of another image size, class count or
+  depth is rebuilt as saved (:func:`checkpoint_model_args`) and runs at the size it was trained at.
 * Fine-grained distillation (FGD): token-similarity matrices of the student's q/k/v spikes (after
   IE-LIF) against the teacher's attention projections, which do not depend on channel width.
 * Logit KD: ``tau^2 * KL(p_teacher^tau || p_student^tau)``.
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 from .data import DataConfig, resize_batch
 from .errors import QsdError, one_line
-from .io import load_state_dict_checked, read_checkpoint, strip_quant_extras
-from .loading import bundled_model, load
+from .io import hf_offline, load_state_dict_checked, read_checkpoint, strip_quant_extras
+from .loading import bundled_model, has_reference_lsq, load
 from .models import create_model, describe
 from .zoo import bundled_path
 
@@ -257,17 +258,15 @@ class Teacher(nn.Module):
         return logits, layers, grids
 
 
-def _offline() -> bool:
-    """Offline by huggingface_hub's setting, or by ``HF_HUB_OFFLINE`` set after the hub was imported."""
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode() or constants._is_true(os.environ.get("HF_HUB_OFFLINE"))
+def _plain_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors; reference LSQ extras (``alpha``, ``act.*``) dropped only from a
+    reference LSQ checkpoint (a CAFormer's StarReLU also has ``act.scale``/``act.bias``)."""
+    sd, _ = read_checkpoint(Path(path))
+    return strip_quant_extras(sd)[0] if has_reference_lsq(sd) else sd
 
 
 def _load_weights(model: nn.Module, path: str | os.PathLike, what: str) -> None:
-    sd, _ = read_checkpoint(Path(path))
-    sd, _ = strip_quant_extras(sd)
-    load_state_dict_checked(model, sd, source=f"{what} {path}")
+    load_state_dict_checked(model, _plain_state_dict(path), source=f"{what} {path}")
 
 
 def counterpart_ann(student: nn.Module, checkpoint: str | os.PathLike | None = None) -> nn.Module:
@@ -313,32 +312,127 @@ def resolve_teacher_name(name: str) -> str:
 
 
 def timm_teacher(name: str, checkpoint: str | os.PathLike | None = None,
-                 num_classes: int | None = None) -> nn.Module:
-    """A timm model with weights from ``checkpoint`` or timm's pretrained download (online only)."""
+                 num_classes: int | None = None, img_size: int | None = None) -> nn.Module:
+    """A timm model with weights from ``checkpoint`` or timm's pretrained download (online only).
+
+    A checkpoint is loaded with its own class count, depth and image size, read from its weights
+    (see :func:`checkpoint_model_args`); ``num_classes`` is used only when the checkpoint does not
+    tell. ``img_size`` builds the teacher at another size instead, with the position embeddings
+    resampled by timm's own checkpoint filter.
+    """
     import timm
 
     full = resolve_teacher_name(name)
     if checkpoint is not None:
-        kw = {"num_classes": num_classes} if num_classes else {}
-        model = timm.create_model(full, pretrained=False, **kw)
-        try:
-            _load_weights(model, checkpoint, "teacher checkpoint")
-        except QsdError:
-            if not kw:
-                raise
-            model = timm.create_model(full, pretrained=False)  # the checkpoint's own head size
-            _load_weights(model, checkpoint, "teacher checkpoint")
-        return model
-    if _offline():
-        return _cached_pretrained(full)
+        return _timm_from_checkpoint(full, checkpoint, num_classes, img_size)
+    # a requested size for a model with position embeddings: timm resamples them as it loads
+    kw = {"img_size": int(img_size)} if img_size and getattr(_reference_timm(full), "pos_embed", None) is not None \
+        else {}
+    if hf_offline():
+        return _cached_pretrained(full, **kw)
     try:
-        return timm.create_model(full, pretrained=True)
+        return timm.create_model(full, pretrained=True, **kw)
     except Exception as e:  # no network, no such pretrained tag, ...
         raise QsdError(f"teacher {full}: could not get pretrained weights ({one_line(e, 160)}); on a machine "
                        f"without network pass --teacher-checkpoint PATH (set HF_HUB_OFFLINE=1 to fail fast)") from None
 
 
-def _cached_pretrained(full: str) -> nn.Module:
+def _reference_timm(full: str) -> nn.Module:
+    """The timm model at its defaults, without real weights when possible (only its shape is read)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(full, pretrained=False)
+    except Exception:  # some constructors compute on their tensors
+        return timm.create_model(full, pretrained=False)
+
+
+def _head_classes(ref: nn.Module, sd: dict[str, torch.Tensor]) -> int | None:
+    """The class count of a checkpoint: rows of the last linear layer of the model's classifier."""
+    head = ref.get_classifier() if hasattr(ref, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        return None
+    inside = {id(m) for m in head.modules()}
+    linears = [n for n, m in ref.named_modules() if id(m) in inside and isinstance(m, nn.Linear)]
+    w = sd.get(f"{linears[-1]}.weight") if linears else None
+    return int(w.shape[0]) if w is not None else None
+
+
+def _checkpoint_img_size(ref: nn.Module, sd: dict[str, torch.Tensor]) -> int | None:
+    """The square image size a checkpoint was trained at, from its position embeddings' token grid."""
+    pos, pe = sd.get("pos_embed"), getattr(ref, "patch_embed", None)
+    if pos is None or pe is None or getattr(ref, "pos_embed", None) is None:
+        return None
+    if pos.dim() == 4:  # (1, H, W, C)
+        side = int(pos.shape[1])
+    else:
+        prefix = 0 if getattr(ref, "no_embed_class", False) else int(getattr(ref, "num_prefix_tokens", 1))
+        n = int(pos.shape[1]) - prefix
+        side = int(round(math.sqrt(n)))
+        if side * side != n:
+            return None
+    return side * int(pe.patch_size[0])
+
+
+def checkpoint_model_args(full: str, sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """timm arguments that rebuild the model a checkpoint was saved from: ``num_classes`` (its
+    classifier), ``img_size`` (its position-embedding grid times the patch size) and ``depth``
+    (``blocks.N``, ViT/DeiT) or ``depths`` (``stages.S.blocks.N``, MetaFormer/CAFormer) where they
+    differ from the defaults of ``full``."""
+    import re
+
+    ref = _reference_timm(full)
+    args: dict[str, Any] = {}
+    classes = _head_classes(ref, sd)
+    if classes is not None:
+        args["num_classes"] = classes
+    size = _checkpoint_img_size(ref, sd)
+    if size is not None:
+        args["img_size"] = size
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if blocks and isinstance(getattr(ref, "blocks", None), nn.Sequential) and len(ref.blocks) != max(blocks) + 1:
+        args["depth"] = max(blocks) + 1
+    stages: dict[int, set[int]] = {}
+    for k in sd:
+        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k):
+            stages.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    ref_stages = getattr(ref, "stages", None)
+    if stages and ref_stages is not None and len(stages) == len(ref_stages):
+        depths = tuple(max(stages[i]) + 1 for i in sorted(stages))
+        if depths != tuple(len(getattr(st, "blocks", ())) for st in ref_stages):
+            args["depths"] = depths
+    return args
+
+
+def _timm_from_checkpoint(full: str, checkpoint: str | os.PathLike, num_classes: int | None,
+                          img_size: int | None) -> nn.Module:
+    import sys
+
+    import timm
+
+    sd = _plain_state_dict(checkpoint)
+    args = checkpoint_model_args(full, sd)
+    if "num_classes" not in args and num_classes:
+        args["num_classes"] = num_classes
+    if img_size is not None and "img_size" in args:
+        args["img_size"] = int(img_size)
+    try:
+        model = timm.create_model(full, pretrained=False, **args)
+    except Exception as e:
+        raise QsdError(f"teacher {full} with {args} (read from {checkpoint}): {one_line(e, 160)}") from None
+    # timm's own filter: other checkpoint layouts, position embeddings resampled to the model's grid
+    filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filt is not None:
+        try:
+            sd = filt(sd, model)
+        except Exception:  # a layout the filter does not know: strict loading below names the keys
+            pass
+    load_state_dict_checked(model, sd, source=f"teacher checkpoint {checkpoint}")
+    return model
+
+
+def _cached_pretrained(full: str, **kwargs: Any) -> nn.Module:
     """Offline: timm's pretrained weights from the local Hugging Face cache, or a clear error."""
     import timm
     from huggingface_hub import try_to_load_from_cache
@@ -349,7 +443,7 @@ def _cached_pretrained(full: str) -> nn.Module:
     for fname in ("model.safetensors", "pytorch_model.bin"):
         cached = try_to_load_from_cache(repo, fname) if repo else None
         if isinstance(cached, str):
-            return timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": cached})
+            return timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
     raise QsdError(f"teacher {full}: offline (HF_HUB_OFFLINE) and its weights are not in the local Hugging Face "
                    f"cache; pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
 
@@ -365,13 +459,14 @@ def vit_digits_teacher(path: str | os.PathLike | None = None) -> nn.Module:
 
 
 def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | None = None,
-                 capture: bool = True) -> Teacher:
+                 capture: bool = True, img_size: int | None = None) -> Teacher:
     """Build the frozen teacher named by ``spec`` for ``student``.
 
-    ``spec``: ``ann`` | ``vit_digits`` | a timm name or alias | a ``.qsd`` file.
+    ``spec``: ``ann`` | ``vit_digits`` | a timm name or alias | a ``.qsd`` file. A timm teacher
+    from a checkpoint runs at the image size it was trained at (read from its position
+    embeddings; ``img_size`` overrides, resampling them); :meth:`Teacher.forward` resizes the
+    student's batch to it, and FGD resizes the teacher's token grid to the student's.
     """
-    from timm.data import resolve_data_config
-
     if spec == "ann":
         model = counterpart_ann(student, checkpoint)
         return Teacher(model, "ann", "snn", DataConfig.from_model(model), capture)
@@ -382,16 +477,31 @@ def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | 
     if spec == "vit_digits":
         model = vit_digits_teacher(checkpoint)
     else:
-        model = timm_teacher(spec, checkpoint, num_classes=getattr(student, "num_classes", None))
+        model = timm_teacher(spec, checkpoint, num_classes=getattr(student, "num_classes", None), img_size=img_size)
+    return Teacher(model, spec, "timm", timm_data_config(model, img_size), capture)
+
+
+def timm_data_config(model: nn.Module, img_size: int | None = None) -> DataConfig:
+    """A timm model's input configuration. The input size is the one the model was built at (a
+    ViT built with ``img_size=32`` takes 32x32 images whatever its pretrained config says); a model
+    without position embeddings (CAFormer, ConvNeXt) runs at its pretrained config's size unless
+    ``img_size`` is given, since its weights do not tell the size it was trained at."""
+    from timm.data import resolve_data_config
+
     dc = resolve_data_config({}, model=model)
-    cfg = DataConfig(input_size=tuple(dc["input_size"]), mean=tuple(dc["mean"]), std=tuple(dc["std"]),
-                     interpolation=dc.get("interpolation", "bicubic"), crop_pct=float(dc.get("crop_pct", 1.0)))
-    return Teacher(model, spec, "timm", cfg, capture)
+    size = tuple(dc["input_size"])
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None and getattr(model, "pos_embed", None) is not None:
+        size = (size[0], *(int(v) for v in built))
+    elif img_size is not None:
+        size = (size[0], int(img_size), int(img_size))
+    return DataConfig(input_size=size, mean=tuple(dc["mean"]), std=tuple(dc["std"]),
+                      interpolation=dc.get("interpolation", "bicubic"), crop_pct=float(dc.get("crop_pct", 1.0)))
 
 
 __all__ = [
     "Teacher", "QKVCapture", "load_teacher", "counterpart_ann", "timm_teacher",
     "vit_digits_teacher", "build_vit_digits", "resolve_teacher_name", "similarity", "layer_map",
     "fgd_loss", "kd_loss", "tokens_from_spikes", "resize_tokens", "TEACHER_ALIASES", "VIT_DIGITS_PATH",
-    "VIT_DIGITS_ARGS",
+    "VIT_DIGITS_ARGS", "checkpoint_model_args", "timm_data_config",
 ]

@@ -74,6 +74,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def hf_offline() -> bool:
+    """Hugging Face offline mode: huggingface_hub's setting, or ``HF_HUB_OFFLINE`` set after the hub
+    was imported (its constants are read once, at import)."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or constants._is_true(os.environ.get("HF_HUB_OFFLINE"))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -4,6 +4,10 @@ The low layer every command stands on. A ``.qsd`` file carries its architecture 
 quantization, so it is rebuilt exactly; a reference checkpoint (``.pth``/``.pt``/``.safetensors``)
 needs ``arch`` or has it inferred from its keys and shapes; a reference LSQ checkpoint
 (``alpha`` keys) comes back as a quantized model with the same integers and steps.
+
+It also serves ``timm.create_model(NAME, pretrained=True, ...)``: :func:`load_pretrained` is
+installed in :mod:`qsdcompress.models` at import, so the timm factory reads a checkpoint exactly
+as :func:`load` does (see that package's docstring).
 """
 from __future__ import annotations
 
@@ -15,10 +19,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import QsdError
-from .io import (load_state_dict_checked, pack_ints, read_checkpoint, save_qsd, sha256_file, strip_quant_extras,
-                 unpack_ints)
-from .models import create_model, list_models, model_config, resolve_name
+from .errors import QsdError, one_line
+from .io import (hf_offline, load_state_dict_checked, pack_ints, read_checkpoint, save_qsd, sha256_file,
+                 strip_quant_extras, unpack_ints)
+from .models import create_model, list_models, model_config, resolve_name, set_pretrained_loader
 from .quant import import_reference_lsq, is_quant_layer, quant_bits, restore_quantized, weight_layers
 from .zoo import bundled_path
 
@@ -102,6 +106,78 @@ def load(path: str | os.PathLike | None = None, arch: str | None = None, prefer_
         "source": {"path": str(path), "sha256": sha256_file(path)},
     }
     return model.eval()
+
+
+#: the file names timm looks for in a Hugging Face repository or a local folder
+HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hf_cache_dir(cache_dir: str | os.PathLike | None) -> str | None:
+    """The Hugging Face cache as the environment says now (huggingface_hub reads it once, at import)."""
+    if cache_dir is not None:
+        return str(cache_dir)
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+
+
+def _hub_file(arch: str, source: dict, cache_dir: str | os.PathLike | None) -> Path:
+    """The weights file a ``hf_hub_id``/``hf_hub_filename`` source names: from the local Hugging
+    Face cache when offline, else downloaded; a one-line error that says what to fetch otherwise."""
+    from huggingface_hub import hf_hub_download
+
+    repo, _, rev = source["hf_hub_id"].partition("@")
+    names = [source["hf_hub_filename"]] if source.get("hf_hub_filename") else list(HF_WEIGHT_NAMES)
+    offline, err = hf_offline(), None
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo, name, revision=rev or None, cache_dir=_hf_cache_dir(cache_dir),
+                                        local_files_only=offline))
+        except Exception as e:  # not cached, no network, no such file
+            err = e
+    what = source.get("description") or "the weights"
+    why = ("offline (HF_HUB_OFFLINE) and not in the local Hugging Face cache" if offline
+           else f"not downloaded ({one_line(err, 120)})")
+    name = f"{arch}.{source['tag']}" if source.get("tag") else arch
+    raise QsdError(f"{name}: {' or '.join(names)} of hf-hub:{repo} {why}; fetch {what} from "
+                   f"https://huggingface.co/{repo} and pass pretrained_cfg_overlay=dict(file=PATH) "
+                   f"(or hf_hub_filename=NAME; CLI: qsdcompress eval PATH --arch {arch})")
+
+
+def _weights_file(arch: str, source: dict, cache_dir: str | os.PathLike | None) -> Path:
+    if source.get("file"):
+        path = Path(source["file"])
+        if path.is_dir():  # a timm ``local-dir:`` folder
+            found = [path / n for n in HF_WEIGHT_NAMES if (path / n).exists()]
+            if not found:
+                raise QsdError(f"{path}: no {' or '.join(HF_WEIGHT_NAMES)} in this folder")
+            path = found[0]
+        return path
+    if source.get("hf_hub_id"):
+        return _hub_file(arch, source, cache_dir)
+    raise QsdError(f"{arch}: weights at {source.get('url')} are not fetched here; download the file and pass "
+                   f"pretrained_cfg_overlay=dict(file=PATH)")
+
+
+def load_pretrained(arch: str, source: dict, model_args: dict, cache_dir: str | os.PathLike | None = None
+                    ) -> nn.Module:
+    """``create_model(arch, pretrained=True, ...)`` with a weights source (a local ``file`` or a
+    Hugging Face ``hf_hub_id``/``hf_hub_filename``): the file is read exactly as :func:`load` reads
+    it, so a reference LSQ checkpoint comes back quantized and a ``.qsd`` file as it was saved."""
+    path = _weights_file(arch, source, cache_dir)
+    if path.suffix.lower() == ".qsd":
+        model = load(path)
+        if resolve_name(getattr(model, "arch", arch)) != arch:
+            raise QsdError(f"{path} holds a {model.arch} model, not {arch}")
+    else:
+        model = load(path, arch=arch, **model_args)
+    pcfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    pcfg.update({k: v for k, v in source.items() if v}, file=str(path))
+    model.pretrained_cfg = pcfg  # type: ignore[assignment]
+    return model
+
+
+set_pretrained_loader(load_pretrained)
 
 
 def model_meta(model: nn.Module) -> dict:
@@ -223,4 +299,4 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 __all__ = ["load", "save", "model_meta", "bundled_model", "guess_arch", "build_from_meta", "resolve_model",
-           "resolve_source", "newest_qsd", "pick_device", "has_reference_lsq"]
+           "resolve_source", "newest_qsd", "pick_device", "has_reference_lsq", "load_pretrained"]

@@ -3,6 +3,16 @@
 After ``import qsdcompress`` both ``timm.create_model("qsd_8_512")`` and
 ``qsdcompress.create_model("qsd_8_512")`` work. Reference factory names
 (``spikformer_8_512_CAFormer``, ``metaspikformer_8_512``, ...) are aliases.
+
+Pretrained weights follow timm's conventions: ``pretrained=True`` takes its source from the
+pretrained config (a tag such as ``qsd_8_512.w4_in1k`` with ``hf_hub_id``/``hf_hub_filename``,
+``pretrained_cfg_overlay=dict(file=PATH)``, or an ``hf-hub:`` name whose ``config.json`` names
+one of these architectures). This layer only resolves *where* the weights are; reading a
+checkpoint (and importing a reference LSQ checkpoint as a quantized model) belongs to
+:mod:`qsdcompress.loading`, two layers up, which this layer may not import. So ``loading``
+hands its loader down once, at import, through :func:`set_pretrained_loader`; since every
+``qsdcompress`` import runs the package ``__init__`` (which imports ``loading``), the loader is in
+place before any model is created.
 """
 from __future__ import annotations
 
@@ -11,15 +21,16 @@ from dataclasses import fields
 from typing import Any, Callable
 
 import torch.nn as nn
+from timm.models import generate_default_cfgs, resolve_pretrained_cfg
 from timm.models import register_model as _timm_register
 
-from ..errors import QsdError
+from ..errors import QsdError, one_line
 from ._structure import AttentionSite, ModelStructure, RepConvSite, describe
 from .spikedriven import SDTConfig, SpikeDrivenTransformer
 
 _ARCHS: dict[str, dict[str, Any]] = {}
 _ALIASES: dict[str, str] = {}
-_TIMM_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_TIMM_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
 
 _QSD = dict(depth=8, num_heads=8, mlp_ratio=4, neuron="multispike", attn_scale=0.25, layer_scale=1e-6)
 _SDT_V2 = dict(depth=8, num_heads=8, mlp_ratio=4, neuron="lif", attn_scale=0.125, layer_scale=None,
@@ -37,9 +48,39 @@ def _make_entry(name: str) -> Callable[..., nn.Module]:
     return entry
 
 
+#: the authors' Hugging Face repository of the QSD-Transformer ImageNet-1k weights (4-bit LSQ)
+QSD_HF_REPO = "Xuerui123/QSD_Transformer"
+#: architectures with weights published there, as timm tags (the default pretrained config).
+#: The file names inside the repository are not fixed here: ``hf_hub_filename`` names one,
+#: otherwise timm's defaults (``model.safetensors``, ``pytorch_model.bin``) are tried.
+HUB_WEIGHTS = {
+    "qsd_8_15m": ("w4_in1k", "QSD-Transformer 15M, 4-bit weights (LSQ), ImageNet-1k"),
+    "qsd_8_512": ("w4_in1k", "QSD-Transformer 55M, 4-bit weights (LSQ), ImageNet-1k"),
+}
+#: read by timm's ``register_model``: every architecture's pretrained configs (tags)
+default_cfgs: dict[str, Any] = {}
+
+
+def _default_cfgs(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    size = cfg.get("img_size", 224)
+    base = dict(num_classes=cfg.get("num_classes", 1000), input_size=(3, size, size),
+                mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)),
+                interpolation="bicubic", crop_pct=0.875, first_conv="downsample1_1.encode_conv",
+                classifier="head")
+    entries: dict[str, Any] = {}
+    if name in HUB_WEIGHTS:  # the first tag is the default: pretrained=True means these weights
+        tag, what = HUB_WEIGHTS[name]
+        entries[f"{name}.{tag}"] = dict(base, hf_hub_id=QSD_HF_REPO, description=what,
+                                        origin_url="https://github.com/bollossom/QSD-Transformer")
+    entries[name] = base
+    return generate_default_cfgs(entries)
+
+
 def register_arch(name: str, aliases: tuple[str, ...] = (), **cfg: Any) -> None:
-    """Register an architecture under ``name`` (and aliases) here and in timm."""
+    """Register an architecture under ``name`` (and aliases) here and in timm, with its
+    pretrained configs (timm tags; see :data:`HUB_WEIGHTS`)."""
     _ARCHS[name] = cfg
+    default_cfgs.update(_default_cfgs(name, cfg))
     for n in (name, *aliases):
         if n != name:
             _ALIASES[n] = name
@@ -114,15 +155,78 @@ def model_config(name: str, **kwargs: Any) -> SDTConfig:
 #: architectures with weights bundled in ``qsdcompress/zoo`` (``pretrained=True`` loads them)
 BUNDLED_WEIGHTS = ("qsd_tiny",)
 
+PretrainedLoader = Callable[[str, dict, dict, Any], nn.Module]
+_PRETRAINED_LOADER: PretrainedLoader | None = None
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> SpikeDrivenTransformer:
-    """Build a registered model. ``pretrained=True`` loads bundled weights (``qsd_tiny`` only)."""
-    canonical = resolve_name(name)
+
+def set_pretrained_loader(fn: PretrainedLoader) -> None:
+    """Install the function that turns a weights source into a model:
+    ``fn(arch, source, model_args, cache_dir)``; ``source`` holds the resolved pretrained config's
+    ``file``, ``hf_hub_id``, ``hf_hub_filename``, ``url`` and ``tag``. :mod:`qsdcompress.loading`
+    installs its loader at import (see the module docstring for why it is injected)."""
+    global _PRETRAINED_LOADER
+    _PRETRAINED_LOADER = fn
+
+
+def weights_source(arch: str, pretrained_cfg: Any = None, overlay: dict | None = None) -> dict | None:
+    """Where ``pretrained=True`` takes the weights of ``arch`` from, resolved as timm does
+    (tag or config, then ``pretrained_cfg_overlay``); None when the config names no weights."""
+    pc = resolve_pretrained_cfg(arch, pretrained_cfg, overlay)
+    src = {k: getattr(pc, k, None) for k in ("file", "hf_hub_id", "hf_hub_filename", "url", "tag", "description")}
+    return src if (src["file"] or src["hf_hub_id"] or src["url"]) else None
+
+
+def _no_weights(name: str, canonical: str) -> QsdError:
+    return QsdError(f"{name}: pretrained=True but no weights are bundled for this architecture (only for "
+                    f"{', '.join(BUNDLED_WEIGHTS)}) and no source is given; pass "
+                    f"pretrained_cfg_overlay=dict(file=PATH), or qsdcompress.load(PATH, arch={canonical!r}), "
+                    f"or `qsdcompress eval PATH --arch {canonical}`")
+
+
+def _create_from_source(name: str, pretrained: bool, overlay: dict | None, cache_dir: Any,
+                        kwargs: dict[str, Any]) -> nn.Module:
+    """An ``hf-hub:``/``local-dir:`` name through ``timm.create_model`` (its ``config.json`` names
+    the architecture); a repository without one (the authors' own) gets a one-line error."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay,
+                                 cache_dir=cache_dir, **kwargs)
+    except QsdError:
+        raise
+    except Exception as e:  # no config.json (offline, not cached, or not a timm repository)
+        tags = ", ".join(f"{a}.{t}" for a, (t, _) in HUB_WEIGHTS.items())
+        raise QsdError(f"{name}: no timm config.json ({one_line(e, 100)}); for the authors' weights use "
+                       f"{tags} with pretrained_cfg_overlay=dict(file=PATH) or dict(hf_hub_filename=NAME)") from None
+
+
+def create_model(name: str, pretrained: bool = False, pretrained_cfg: Any = None,
+                 pretrained_cfg_overlay: dict | None = None, cache_dir: Any = None,
+                 **kwargs: Any) -> nn.Module:
+    """Build a registered model, timm style.
+
+    ``pretrained=True`` loads the weights its pretrained config names: a local ``file``
+    (``pretrained_cfg_overlay=dict(file=PATH)``, a reference or ``.qsd`` checkpoint, read exactly
+    as :func:`qsdcompress.load` reads it; a reference LSQ checkpoint comes back quantized), a
+    Hugging Face file (``hf_hub_id``/``hf_hub_filename``; a tag such as ``qsd_8_512.w4_in1k``),
+    or, for ``qsd_tiny`` without a source, the bundled digits weights. ``hf-hub:``/``local-dir:``
+    names go through ``timm.create_model``.
+    """
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return _create_from_source(name, pretrained, pretrained_cfg_overlay, cache_dir, kwargs)
+    base, _, tag = name.partition(".")
+    canonical = resolve_name(base if tag else name)
+    for k in _TIMM_KWARGS:
+        kwargs.pop(k, None)
     cfg = model_config(canonical, **kwargs)
+    source = weights_source(canonical, pretrained_cfg or tag or None, pretrained_cfg_overlay) \
+        if pretrained else None
+    if source is not None:
+        if _PRETRAINED_LOADER is None:
+            raise QsdError("loading pretrained weights needs qsdcompress.loading (import qsdcompress)")
+        return _PRETRAINED_LOADER(canonical, source, kwargs, cache_dir)
     if pretrained and canonical not in BUNDLED_WEIGHTS:
-        raise QsdError(f"{name}: no weights are bundled for this architecture (only for "
-                       f"{', '.join(BUNDLED_WEIGHTS)}); load a checkpoint with "
-                       f"qsdcompress.load(PATH, arch={canonical!r}) or `qsdcompress eval PATH --arch {canonical}`")
+        raise _no_weights(name, canonical)
     model = SpikeDrivenTransformer(cfg)
     model.arch = canonical  # type: ignore[assignment]
     if pretrained:
@@ -133,4 +237,5 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> SpikeDri
 
 
 __all__ = ["create_model", "list_models", "model_config", "resolve_name", "register_arch", "describe",
-           "SDTConfig", "SpikeDrivenTransformer", "ModelStructure", "AttentionSite", "RepConvSite", "BUNDLED_WEIGHTS"]
+           "SDTConfig", "SpikeDrivenTransformer", "ModelStructure", "AttentionSite", "RepConvSite", "BUNDLED_WEIGHTS",
+           "HUB_WEIGHTS", "QSD_HF_REPO", "set_pretrained_loader", "weights_source"]

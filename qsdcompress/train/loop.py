@@ -135,7 +135,8 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int, limi
 def _teacher(cfg: FinetuneConfig, student: nn.Module, di: DistInfo) -> Teacher | None:
     if cfg.lambda_kd <= 0 and cfg.lambda_fgd <= 0:
         return None
-    teacher = load_teacher(cfg.teacher, student, cfg.teacher_checkpoint, capture=cfg.lambda_fgd > 0)
+    teacher = load_teacher(cfg.teacher, student, cfg.teacher_checkpoint, capture=cfg.lambda_fgd > 0,
+                           img_size=cfg.teacher_img_size)
     teacher.to(di.device)
     num_classes = int(getattr(student, "num_classes", 0) or 0)
     if cfg.lambda_kd > 0 and teacher.num_classes != num_classes:
