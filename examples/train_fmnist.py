@@ -6,9 +6,10 @@ grid, layer scale 0.1) and its counterpart ANN (same topology, clamped-ReLU acti
 
 Fixed seed, CPU. The epoch kept is the one with the best top-1 on the ``val`` split (5,000 images
 held out of the 60,000 training images); ``test`` is measured once, on that epoch. A checkpoint is
-written after every epoch (``--resume`` continues from it). At the end the script prints the
-attention ablation: the accuracy with every block's attention branch removed, and with one
-block's removed at a time, on val and test.
+written after every epoch (``--resume`` continues from it; ``--finish`` saves its best epoch
+without training further). At the end the script prints the attention ablation: the accuracy
+with every block's attention branch removed, and with one block's removed at a time, on val and
+test.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ckpt = Path(a.ckpt_dir) / f"{ARCH}_{tag}.pt"
     start, best, history, seconds = 0, {"val_top1": -1.0, "epoch": 0, "state": None}, [], 0.0
-    if a.resume and ckpt.is_file():
+    if (a.resume or a.finish) and ckpt.is_file():
         s = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
@@ -95,8 +96,10 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
         torch.set_rng_state(s["torch_rng"])
         start, best, history, seconds = s["epoch"], s["best"], s["history"], s["seconds"]
         print(f"{tag}: resumed after epoch {start} from {ckpt}", flush=True)
+    if a.finish and not start:
+        raise SystemExit(f"--finish needs a checkpoint: none at {ckpt}")
     t0 = time.time() - seconds
-    for ep in range(start, a.epochs):
+    for ep in range(start, start if a.finish else a.epochs):
         model.train()
         tl, nb = 0.0, 0
         for x, y in train_loader:
@@ -130,6 +133,7 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
     if not a.subset:
         q.save(model, out, kind="float", training={
             "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, "epochs": a.epochs,
+            "epochs_done": len(history),
             "best_epoch": best["epoch"], "lr": a.lr, "batch_size": a.batch_size, "weight_decay": a.wd,
             "label_smoothing": a.smoothing, "augment": "random shift 2 px + horizontal flip",
             "val_top1": val, "test_top1": test, "seconds": seconds, "threads": a.threads,
@@ -152,6 +156,8 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=0, help="train on the first N images only, save nothing (pilots)")
     ap.add_argument("--ckpt-dir", default="runs/fmnist", help="per-epoch checkpoints")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir")
+    ap.add_argument("--finish", action="store_true",
+                    help="stop early: save the best epoch of the checkpoint in --ckpt-dir (no more training)")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
