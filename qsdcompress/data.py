@@ -1,29 +1,55 @@
-"""Datasets by name: ``digits`` (bundled, real), ImageFolder directories, local CIFAR, synthetic.
+"""Datasets by name: ``digits`` (bundled, real), Fashion-MNIST / MNIST IDX files, ImageFolder
+directories, local CIFAR, synthetic.
 
 A data spec is a string:
 
 * ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to the model's input
   size (32x32 for ``qsd_tiny``), RGB, a fixed seeded 80/20 stratified train/test split.
+* ``fashion-mnist``: the Fashion-MNIST IDX files of the Debian package ``dataset-fashion-mnist``
+  (in ``/usr/share/datasets/fashion-mnist``); ``fashion-mnist:DIR`` / ``mnist:DIR``: any folder
+  holding the four IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+  ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each gzip-compressed (``.gz``) or raw).
 * a directory in ImageNet layout (``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``, or
   ``DIR/<class>/*.jpg`` used for every split); grayscale or odd-sized images are converted.
 * ``cifar10:DIR`` / ``cifar100:DIR``: the python-pickle CIFAR batches already in DIR (never
   downloaded).
 * ``synthetic`` or ``synthetic:N``: N random images with random labels, for benchmarks.
+
+Every data set has three splits: ``train``, ``val`` and ``test``. ``val`` is a seeded held-out part
+of the training data (disjoint from ``train``, the same in every run), so that choices made on it
+leave ``test`` untouched:
+
+* Fashion-MNIST / MNIST: 5,000 of the 60,000 training images (1/12 of a smaller file);
+* digits: a stratified 20% of its training split (the test split is unchanged);
+* ImageFolder: ``DIR/val`` when ``DIR/test`` exists too, else a stratified 10% of the training
+  images; CIFAR: a stratified 10% of the training batches;
+* synthetic: another seed.
 """
 from __future__ import annotations
 
+import functools
+import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import QsdError
 
 DIGITS_SEED = 0
+VAL_SEED = 20261130  # fixed: the held-out validation parts are the same in every run
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_VAL_SIZE = 5000  # images held out of the 60,000 training images as the val split
 
 
 @dataclass
@@ -38,16 +64,59 @@ class DataConfig:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "DataConfig":
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        from timm.data import resolve_model_data_config
+
+        # timm reads model.pretrained_cfg (or default_cfg) and falls back to ImageNet values
+        # (3x224x224, ImageNet mean/std, bicubic, 0.875) for models without one.
+        cfg = resolve_model_data_config(model)
         return cls(
-            input_size=tuple(cfg.get("input_size", (3, 224, 224))),  # type: ignore[arg-type]
-            mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-            interpolation=cfg.get("interpolation", "bicubic") or "bicubic",
-            crop_pct=float(cfg.get("crop_pct", 0.875) or 0.875),
+            input_size=tuple(cfg["input_size"]),  # type: ignore[arg-type]
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            interpolation=cfg.get("interpolation") or "bicubic",
+            crop_pct=float(cfg.get("crop_pct") or 0.875),
         )
 
 
+def to_model_input(img: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """Grayscale images ``(N, H, W)`` in [0, 1] as normalised ``(N, C, H', W')`` model inputs:
+    bilinear resize only when the size differs, the gray channel repeated to C channels."""
+    c, h, w = cfg.input_size
+    img = img.unsqueeze(1)
+    if tuple(img.shape[-2:]) != (h, w):
+        img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    img = img.expand(-1, c, -1, -1)
+    mean = torch.tensor(_per_channel(cfg.mean, c)).view(1, c, 1, 1)
+    std = torch.tensor(_per_channel(cfg.std, c)).view(1, c, 1, 1)
+    return ((img - mean) / std).contiguous()
+
+
+def _per_channel(values: Sequence[float], c: int) -> list[float]:
+    values = list(values)
+    if len(values) == 1:
+        return values * c
+    if len(values) < c:
+        raise QsdError(f"data config has {len(values)} mean/std values for {c} input channels")
+    return values[:c]
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int = VAL_SEED
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of ``range(len(labels))`` into sorted (kept, held-out) indices; each class
+    gives ``floor(fraction * its count)`` images to the held-out part."""
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        k = int(fraction * len(idx))
+        held.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    if held:
+        mask[torch.cat(held)] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
+@functools.lru_cache(maxsize=1)
 def _digits_arrays():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -61,16 +130,108 @@ def _digits_arrays():
 
 
 def digits_dataset(split: str, cfg: DataConfig) -> TensorDataset:
-    """The digits split as normalised RGB tensors of the model's input size."""
+    """The digits split as normalised tensors of the model's input size. ``val`` is a stratified
+    20% of the training split; ``test`` is the same 360 images as before ``val`` existed."""
     x, y, tr, te = _digits_arrays()
-    idx = tr if split == "train" else te
-    c, h, w = cfg.input_size
-    img = x[idx].unsqueeze(1)
-    img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
-    img = img.expand(-1, c, -1, -1)
-    mean = torch.tensor(cfg.mean[:c]).view(1, c, 1, 1)
-    std = torch.tensor(cfg.std[:c]).view(1, c, 1, 1)
-    return TensorDataset(((img - mean) / std).contiguous(), y[idx])
+    if split == "test":
+        idx = te
+    else:
+        keep, held = stratified_holdout(y[tr], 0.2)
+        idx = tr[held] if split == "val" else tr[keep]
+    return TensorDataset(to_model_input(x[idx], cfg), y[idx])
+
+
+# --- IDX files (Fashion-MNIST, MNIST) --------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (gzip-compressed when its name ends in ``.gz``) as a numpy array; a clear
+    :class:`QsdError` for a corrupt or truncated file. Cached per path and modification time."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise QsdError(f"cannot read IDX file {p}: {e.strerror or e}") from None
+    return _read_idx_cached(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_idx_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise QsdError(f"cannot read IDX file {path}: corrupt or truncated ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise QsdError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise QsdError(f"IDX file {path} is truncated: the header is cut off")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    count = int(np.prod(dims, dtype=np.int64))
+    expected = header + count * dtype.itemsize
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise QsdError(f"IDX file {path} is {what}: {len(raw)} bytes, expected {expected} "
+                       f"for shape {dims}")
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
+    arr.flags.writeable = False
+    return arr
+
+
+def _find_idx(root: Path, name: str) -> Path | None:
+    for cand in (root / (name + ".gz"), root / name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def idx_arrays(root: Path, split: str, kind: str = "fashion-mnist") -> tuple[np.ndarray, np.ndarray]:
+    """(images ``(N, 28, 28)`` uint8, labels ``(N,)``) of the IDX ``train`` or ``test`` files."""
+    files = {s: [_find_idx(root, n) for n in names] for s, names in IDX_FILES.items()}
+    missing = [n for s, names in IDX_FILES.items() for n, f in zip(names, files[s]) if f is None]
+    if missing:
+        hint = ("install them with `apt-get install dataset-fashion-mnist`, or pass "
+                "fashion-mnist:DIR with a folder holding the four IDX files"
+                if kind == "fashion-mnist" else f"pass {kind}:DIR with a folder holding the four IDX files")
+        raise QsdError(f"{kind} IDX files not found in {root} (missing {', '.join(n + '[.gz]' for n in missing)}): "
+                       f"{hint}")
+    img_path, lbl_path = files[split]
+    images, labels = read_idx(img_path), read_idx(lbl_path)  # type: ignore[arg-type]
+    if images.ndim != 3 or labels.ndim != 1:
+        raise QsdError(f"{img_path} / {lbl_path}: expected images (N, H, W) and labels (N,), "
+                       f"got shapes {images.shape} and {labels.shape}")
+    if len(images) != len(labels):
+        raise QsdError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
+    return images, labels
+
+
+def idx_split_indices(n: int, split: str) -> torch.Tensor:
+    """Indices of the training file's ``train`` or ``val`` part: ``val`` is a fixed seeded
+    5,000 of 60,000 (1/12 of a smaller file), ``train`` the rest."""
+    n_val = min(IDX_VAL_SIZE, n // 12)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))
+    part = perm[:n_val] if split == "val" else perm[n_val:]
+    return part.sort().values
+
+
+def idx_dataset(root: Path, split: str, cfg: DataConfig, kind: str = "fashion-mnist") -> TensorDataset:
+    """Fashion-MNIST / MNIST as in-memory normalised tensors of the model's input size."""
+    images, labels = idx_arrays(root, "test" if split == "test" else "train", kind)
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    y = torch.from_numpy(labels.astype(np.int64))
+    if split != "test":
+        idx = idx_split_indices(len(y), split)
+        x, y = x[idx], y[idx]
+    return TensorDataset(to_model_input(x, cfg), y)
 
 
 def synthetic_dataset(n: int, cfg: DataConfig, num_classes: int, seed: int = 0) -> TensorDataset:
@@ -100,15 +261,27 @@ def _rgb_loader(path: str):
         raise QsdError(f"cannot read image {path}: {e}") from None
 
 
+def _first_dir(root: Path, names: Sequence[str]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
 def image_folder(root: Path, split: str, cfg: DataConfig, train_aug: bool = False) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     if not root.exists():
         raise QsdError(f"data folder not found: {root}")
     if not root.is_dir():
-        raise QsdError(f"--data must be 'digits', 'synthetic[:N]', 'cifar10:DIR' or a folder; {root} is a file")
-    names = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
-    sub = next((root / n for n in names.get(split, (split,)) if (root / n).is_dir()), root)
+        raise QsdError(f"--data must be 'digits', 'fashion-mnist[:DIR]', 'mnist:DIR', 'synthetic[:N]', "
+                       f"'cifar10:DIR' or a folder; {root} is a file")
+    val_dir = _first_dir(root, ("val", "validation"))
+    test_dir = _first_dir(root, ("test",))
+    train_dir = _first_dir(root, ("train",)) or root
+    if split == "test":
+        sub = test_dir or val_dir or root
+    elif split == "val" and val_dir is not None and test_dir is not None:
+        sub = val_dir
+    else:  # train, or val held out of train
+        sub = train_dir
     classes = [d for d in sub.iterdir() if d.is_dir()]
     if not classes:
         raise QsdError(f"data folder {sub} has no class subfolders (expected {sub}/<class>/<image>)")
@@ -119,7 +292,19 @@ def image_folder(root: Path, split: str, cfg: DataConfig, train_aug: bool = Fals
         raise QsdError(f"data folder {sub}: {e}") from None
     if len(ds) == 0:
         raise QsdError(f"data folder {sub} contains no images ({', '.join(IMG_EXTENSIONS)})")
+    if sub is train_dir and split in ("train", "val") and not (val_dir and test_dir):
+        return _held_out_part(ds, torch.tensor(ds.targets), split, 0.1, str(sub))
     return ds
+
+
+def _held_out_part(ds: Dataset, targets: torch.Tensor, split: str, fraction: float, where: str) -> Dataset:
+    keep, held = stratified_holdout(targets, fraction)
+    if split == "val" and len(held) == 0:
+        raise QsdError(f"{where}: too few images to hold out a validation part "
+                       f"({fraction:.0%} of each class rounds down to none)")
+    sub = Subset(ds, (held if split == "val" else keep).tolist())
+    sub.classes = getattr(ds, "classes", None)  # type: ignore[attr-defined]
+    return sub
 
 
 def cifar(kind: str, root: Path, split: str, cfg: DataConfig, train_aug: bool = False) -> Dataset:
@@ -127,10 +312,13 @@ def cifar(kind: str, root: Path, split: str, cfg: DataConfig, train_aug: bool = 
 
     cls = CIFAR10 if kind == "cifar10" else CIFAR100
     try:
-        return cls(str(root), train=split == "train", download=False, transform=_transform(cfg, train_aug))
+        ds = cls(str(root), train=split != "test", download=False, transform=_transform(cfg, train_aug))
     except RuntimeError as e:
         raise QsdError(f"{kind} not found under {root} (it is never downloaded; place the extracted "
                        f"python batches there): {e}") from None
+    if split == "test":
+        return ds
+    return _held_out_part(ds, torch.tensor(ds.targets), split, 0.1, f"{kind}:{root}")
 
 
 def build_dataset(spec: str, split: str = "test", cfg: DataConfig | None = None, num_classes: int = 10,
@@ -142,6 +330,11 @@ def build_dataset(spec: str, split: str = "test", cfg: DataConfig | None = None,
     spec = str(spec)
     if spec == "digits":
         return digits_dataset(split, cfg)
+    if spec == "fashion-mnist":
+        return idx_dataset(FASHION_MNIST_DIR, split, cfg, "fashion-mnist")
+    for kind in ("fashion-mnist", "mnist"):
+        if spec.startswith(kind + ":"):
+            return idx_dataset(Path(spec.split(":", 1)[1]), split, cfg, kind)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         n = 256
         if ":" in spec:
@@ -151,7 +344,7 @@ def build_dataset(spec: str, split: str = "test", cfg: DataConfig | None = None,
                 raise QsdError(f"bad data spec {spec!r}: use synthetic:N with an integer N") from None
         if n <= 0:
             raise QsdError(f"bad data spec {spec!r}: N must be positive")
-        return synthetic_dataset(n, cfg, num_classes, seed=0 if split == "train" else 1)
+        return synthetic_dataset(n, cfg, num_classes, seed={"train": 0, "test": 1, "val": 2}[split])
     for kind in ("cifar10", "cifar100"):
         if spec.startswith(kind + ":"):
             return cifar(kind, Path(spec.split(":", 1)[1]), split, cfg, train_aug)
@@ -159,7 +352,7 @@ def build_dataset(spec: str, split: str = "test", cfg: DataConfig | None = None,
 
 
 def num_classes_of(ds: Dataset) -> int | None:
-    if hasattr(ds, "classes"):
+    if getattr(ds, "classes", None) is not None:
         return len(ds.classes)  # type: ignore[attr-defined]
     if isinstance(ds, TensorDataset) and len(ds.tensors) > 1:
         return int(ds.tensors[1].max()) + 1
@@ -176,16 +369,6 @@ def build_loader(spec: str, split: str = "test", cfg: DataConfig | None = None, 
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, drop_last=drop_last, generator=g)
-
-
-def calibration_batches(loader: DataLoader, n: int) -> list[torch.Tensor]:
-    """The first ``n`` input batches of a loader (labels dropped)."""
-    out = []
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        out.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
-    return out
 
 
 def resize_batch(x: torch.Tensor, src: DataConfig, dst: DataConfig) -> torch.Tensor:
@@ -219,5 +402,6 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2
 
 __all__: Sequence[str] = [
     "DataConfig", "build_dataset", "build_loader", "digits_dataset", "synthetic_dataset",
-    "calibration_batches", "resize_batch", "num_classes_of", "random_shift",
+    "resize_batch", "num_classes_of", "random_shift", "read_idx", "idx_dataset", "stratified_holdout",
+    "to_model_input",
 ]

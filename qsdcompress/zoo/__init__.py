@@ -12,6 +12,9 @@ import torch
 ZOO_DIR = Path(__file__).resolve().parent
 BUNDLED_SNN = ZOO_DIR / "qsd_tiny_digits.qsd"
 BUNDLED_ANN = ZOO_DIR / "qsd_tiny_digits_ann.qsd"
+# qsd_tiny_fmnist trained on Fashion-MNIST and its counterpart ANN (examples/train_fmnist.py)
+FMNIST_SNN = ZOO_DIR / "qsd_tiny_fmnist.qsd"
+FMNIST_ANN = ZOO_DIR / "qsd_tiny_fmnist_ann.qsd"
 
 
 def bundled_path(ann: bool = False) -> Path:

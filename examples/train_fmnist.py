@@ -1,0 +1,171 @@
+"""Train the bundled Fashion-MNIST models: ``qsd_tiny_fmnist`` (integer spikes, D=4, T=1, 7x7 token
+grid, layer scale 0.1) and its counterpart ANN (same topology, clamped-ReLU activations).
+
+    python examples/train_fmnist.py --only snn   # writes qsdcompress/zoo/qsd_tiny_fmnist.qsd
+    python examples/train_fmnist.py --only ann   # writes qsdcompress/zoo/qsd_tiny_fmnist_ann.qsd
+
+Fixed seed, CPU. The epoch kept is the one with the best top-1 on the ``val`` split (5,000 images
+held out of the 60,000 training images); ``test`` is measured once, on that epoch. A checkpoint is
+written after every epoch (``--resume`` continues from it; ``--finish`` saves its best epoch
+without training further). At the end the script prints the attention ablation: the accuracy
+with every block's attention branch removed, and with one block's removed at a time, on val and
+test.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import qsdcompress as q
+from qsdcompress.data import DataConfig, build_dataset, random_shift
+from qsdcompress.metrics import evaluate
+from qsdcompress.train import save_checkpoint
+from qsdcompress.zoo import FMNIST_ANN, FMNIST_SNN
+
+ARCH = "qsd_tiny_fmnist"
+
+
+@contextlib.contextmanager
+def attention_removed(model: torch.nn.Module, blocks: list[int]):
+    """Zero the attention branch (its output, before the layer scale) of the given blocks."""
+    handles = [model.attention_blocks[i].attn.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+               for i in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def ablation(model: torch.nn.Module, loaders: dict[str, DataLoader]) -> dict:
+    n = len(model.attention_blocks)
+    cases = {"none removed": [], "all removed": list(range(n)), **{f"block {i} removed": [i] for i in range(n)}}
+    out: dict = {}
+    for name, blocks in cases.items():
+        with attention_removed(model, blocks):
+            out[name] = {s: round(evaluate(model, ld, description=f"{name} ({s})")["top1"], 4)
+                         for s, ld in loaders.items()}
+    return out
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    x = random_shift(x, g, max_shift=2)
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
+def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
+    tag = "ann" if ann else "snn"
+    torch.manual_seed(a.seed)
+    g = torch.Generator().manual_seed(a.seed)
+    overrides = {} if a.layer_scale is None else {"layer_scale": a.layer_scale}
+    model = q.create_model(ARCH, ann=ann, **overrides)
+    cfg = DataConfig.from_model(model)
+    train_ds = build_dataset(a.data, "train", cfg)
+    if a.subset:
+        train_ds = torch.utils.data.TensorDataset(*(t[: a.subset] for t in train_ds.tensors))
+    loaders = {s: DataLoader(build_dataset(a.data, s, cfg), batch_size=500) for s in ("val", "test")}
+    train_loader = DataLoader(train_ds, batch_size=a.batch_size, shuffle=True, drop_last=True,
+                              generator=torch.Generator().manual_seed(a.seed))
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
+    steps = a.epochs * len(train_loader)
+    warm = len(train_loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    ckpt = Path(a.ckpt_dir) / f"{ARCH}_{tag}.pt"
+    start, best, history, seconds = 0, {"val_top1": -1.0, "epoch": 0, "state": None}, [], 0.0
+    if (a.resume or a.finish) and ckpt.is_file():
+        s = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(s["model"])
+        opt.load_state_dict(s["opt"])
+        sched.load_state_dict(s["sched"])
+        g.set_state(s["gen"])
+        train_loader.generator.set_state(s["loader_gen"])
+        torch.set_rng_state(s["torch_rng"])
+        start, best, history, seconds = s["epoch"], s["best"], s["history"], s["seconds"]
+        print(f"{tag}: resumed after epoch {start} from {ckpt}", flush=True)
+    if a.finish and not start:
+        raise SystemExit(f"--finish needs a checkpoint: none at {ckpt}")
+    t0 = time.time() - seconds
+    for ep in range(start, start if a.finish else a.epochs):
+        model.train()
+        tl, nb = 0.0, 0
+        for x, y in train_loader:
+            loss = F.cross_entropy(model(augment(x, g)), y, label_smoothing=a.smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            tl, nb = tl + loss.item(), nb + 1
+        r = evaluate(model, loaders["val"], description=f"{tag} epoch {ep + 1} val")
+        history.append({"epoch": ep + 1, "loss": round(tl / max(nb, 1), 4), "val_top1": round(r["top1"], 4),
+                        "seconds": round(time.time() - t0, 1)})
+        if r["top1"] > best["val_top1"]:
+            best = {"val_top1": r["top1"], "epoch": ep + 1, "state": copy.deepcopy(model.state_dict())}
+        print(f"{tag} epoch {ep + 1}/{a.epochs} loss {tl / max(nb, 1):.4f} val top1 {r['top1']:.4f} "
+              f"(best {best['val_top1']:.4f} @ {best['epoch']}) {time.time() - t0:.0f}s", flush=True)
+        save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                               "gen": g.get_state(), "loader_gen": train_loader.generator.get_state(),
+                               "torch_rng": torch.get_rng_state(), "epoch": ep + 1, "best": best,
+                               "history": history, "seconds": time.time() - t0})
+    seconds = round(time.time() - t0, 1)
+    model.load_state_dict(best["state"])
+    abl = ablation(model, loaders)
+    val, test = abl["none removed"]["val"], abl["none removed"]["test"]
+    print(f"{tag}: best epoch {best['epoch']}: val top1 {val:.4f}, test top1 {test:.4f}, {seconds:.0f}s training")
+    print(f"{tag} attention ablation (top-1):")
+    print(f"  {'case':<18} {'val':>7} {'test':>7}")
+    for name, r in abl.items():
+        print(f"  {name:<18} {r['val']:>7.4f} {r['test']:>7.4f}")
+    if not a.subset:
+        q.save(model, out, kind="float", training={
+            "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, "epochs": a.epochs,
+            "epochs_done": len(history),
+            "best_epoch": best["epoch"], "lr": a.lr, "batch_size": a.batch_size, "weight_decay": a.wd,
+            "label_smoothing": a.smoothing, "augment": "random shift 2 px + horizontal flip",
+            "val_top1": val, "test_top1": test, "seconds": seconds, "threads": a.threads,
+            "attention_ablation": abl, "history": history})
+        print(f"wrote {out}")
+    return {"val_top1": val, "test_top1": test, "ablation": abl}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["snn", "ann"], default=None)
+    ap.add_argument("--data", default="fashion-mnist", help="fashion-mnist or fashion-mnist:DIR")
+    ap.add_argument("--epochs", type=int, default=13)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--wd", type=float, default=0.02)
+    ap.add_argument("--smoothing", type=float, default=0.1)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--layer-scale", type=float, default=None, help="override the architecture's (pilots)")
+    ap.add_argument("--subset", type=int, default=0, help="train on the first N images only, save nothing (pilots)")
+    ap.add_argument("--ckpt-dir", default="runs/fmnist", help="per-epoch checkpoints")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir")
+    ap.add_argument("--finish", action="store_true",
+                    help="stop early: save the best epoch of the checkpoint in --ckpt-dir (no more training)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.only in (None, "snn"):
+        train(False, a, FMNIST_SNN)
+    if a.only in (None, "ann"):
+        train(True, a, FMNIST_ANN)
+
+
+if __name__ == "__main__":
+    main()
