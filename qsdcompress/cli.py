@@ -255,7 +255,9 @@ def _show_finetune(r: dict) -> None:
         t.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{h['ce']:.4f}", f"{h['kd']:.4f}", f"{h['fgd']:.4f}",
                   f"{h['val_top1'] * 100:.2f}%", ent, str(h.get("images_per_s")))
     console.print(t)
-    console.print(f"kept epoch {r['best_epoch']} ({r['kept']}): top-1 {r['top1'] * 100:.2f}% "
+    kept = "the input model (no epoch beat it on validation)" if r["kept"] == "input" else \
+        f"epoch {r['best_epoch']} ({r['kept']})"
+    console.print(f"kept {kept}: val top-1 {r['val_top1'] * 100:.2f}%, test top-1 {r['top1'] * 100:.2f}% "
                   f"in {r['seconds']:.0f}s; metrics: {r['metrics_csv']}")
 
 

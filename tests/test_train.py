@@ -224,16 +224,19 @@ def test_cli_recipe_command_line_wins_and_json(tmp_path, converted):
     row = out["history"][0]
     m = q.load(wd / "finetuned.qsd")
     assert m.qsd_meta["kind"] == "finetuned" and m.qsd_meta.get("quant")
-    # against a direct count on the same evaluation batch (the first 256 digits test images)
+    # against a direct count on the same evaluation batch (the first 256 digits validation images),
+    # with the weights the epoch ended with (the run's checkpoint)
     from qsdcompress.data import DataConfig, build_loader
     from qsdcompress.neurons import information_entropy
 
-    x = next(iter(build_loader("digits", "test", DataConfig.from_model(m), batch_size=256)))[0]
+    trained = q.load(wd / "converted.qsd")
+    trained.load_state_dict(torch.load(wd / "finetune" / "checkpoint.pt", weights_only=True)["model"])
+    x = next(iter(build_loader("digits", "val", DataConfig.from_model(trained), batch_size=256)))[0]
     seen = {}
-    n = m.block3[0].attn.q_lif
+    n = trained.block3[0].attn.q_lif
     h = n.register_forward_hook(lambda _m, _i, o: seen.setdefault("q", o.detach()))
     with torch.no_grad():
-        m.eval()(x)
+        trained.eval()(x)
     h.remove()
     counts = torch.bincount(torch.floor(seen["q"] / n.out_scale + 0.5).long().flatten(), minlength=n.levels + 1)
     assert row["entropy.block3.0.q"] == pytest.approx(information_entropy(counts), abs=1e-9)
@@ -258,6 +261,28 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, converted):
 
     with pytest.raises(QsdError, match="no checkpoint to resume from"):
         run_finetune(FinetuneConfig(workdir=str(wd), resume="auto", steps=1, **SMALL))
+
+
+def test_epochs_are_chosen_on_validation_and_never_worse_than_the_input(tmp_path, converted):
+    """A step that wrecks the model (a huge learning rate) does not beat the input on validation,
+    so the output is the input; the test split is measured once, on the kept model."""
+    from qsdcompress.train import run_finetune
+
+    wd = _workdir(tmp_path, "worse", converted)
+    _, r = run_finetune(FinetuneConfig(workdir=str(wd), steps=1, lr=50.0, scale_lr=50.0, clip_grad=None,
+                                       lambda_kd=0.0, lambda_fgd=0.0, **SMALL))
+    assert r["kept"] == "input" and r["best_epoch"] == 0
+    assert r["history"][0]["val_top1"] < r["val_top1"]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(q.load(wd / "finetuned.qsd")(x), q.load(wd / "converted.qsd")(x))
+    # the input's validation top-1 is what `eval --split val` gives on the same batches
+    from qsdcompress.pipeline import evaluate_model
+
+    ref = evaluate_model(wd / "converted.qsd", split="val", batch_size=64, max_batches=1)
+    assert r["val_top1"] == ref["top1"]
+    test = evaluate_model(wd / "converted.qsd", split="test", batch_size=64, max_batches=1)
+    assert r["top1"] == test["top1"]
 
 
 def test_resume_given_a_model_file_means_that_model_and_its_run(tmp_path, converted):
