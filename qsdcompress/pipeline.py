@@ -206,13 +206,16 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
             for name, m in (("float", float_model), ("converted", converted), ("finetuned", finetuned))}
     # convert and finetune already evaluated these models on the full digits test split
     tops = {"float": conv["top1_before"], "converted": conv["top1_after"], "finetuned": ft["top1"]}
+    vals = {"converted": ft.get("input_val_top1"), "finetuned": ft.get("val_top1")}  # what finetune chose on
     onnx_eval = evaluate_model(str(ex["output"]), data=data)
     stages["report"] = {"seconds": round(time.perf_counter() - t, 1)}
 
     rows = {
         "float": _row(tops["float"], reps["float"], what="bundled qsd_tiny, float32 weights"),
-        "converted": _row(tops["converted"], reps["converted"], what=f"W{bits} after convert (no finetuning)"),
-        "finetuned": _row(tops["finetuned"], reps["finetuned"], what=f"W{bits} after finetune ({teacher} teacher)"),
+        "converted": _row(tops["converted"], reps["converted"], what=f"W{bits} after convert (no finetuning)",
+                          val_top1=vals["converted"]),
+        "finetuned": _row(tops["finetuned"], reps["finetuned"], what=f"W{bits} after finetune ({teacher} teacher)",
+                          val_top1=vals["finetuned"]),
         # the ONNX graph is the finetuned network: same spikes and operations, its size is the file's
         "onnx": _row(onnx_eval["top1"], reps["finetuned"], size_bytes=int(ex["file_bytes"]),
                      what="exported ONNX run by onnxruntime (size: file on disk)"),
@@ -231,16 +234,19 @@ def show_demo(result: dict) -> None:
 
     t = Table(title=f"qsdcompress demo: bundled digits model, W{result['bits']}, "
                     f"{result['seconds']:.0f} s, outputs in {result['workdir']}")
-    for c in ("model", "top-1", "size", "size x", "SOPs", "energy (mJ)", "energy x"):
+    for c in ("model", "val top-1", "test top-1", "size", "size x", "SOPs", "energy (mJ)", "energy x"):
         t.add_column(c, justify="left" if c == "model" else "right")
     for name, r in result["rows"].items():
-        t.add_row(name, f"{r['top1'] * 100:.2f}%", _bytes(r["size_bytes"]),
+        val = f"{r['val_top1'] * 100:.2f}%" if r.get("val_top1") is not None else "-"
+        t.add_row(name, val, f"{r['top1'] * 100:.2f}%", _bytes(r["size_bytes"]),
                   f"{r['size_x']:.1f}x" if r["size_x"] else "-", f"{r['sops']:.3g}" if r["sops"] else "-",
                   f"{r['energy_mj']:.4g}" if r["energy_mj"] else "-",
                   f"{r['energy_x']:.1f}x" if r["energy_x"] else "-")
     console.print(t)
     for name, r in result["rows"].items():
         console.print(f"  [dim]{name}: {r['what']}[/]")
+    console.print("  [dim]val: the held-out part of the training data finetune chooses on (never worse than its "
+                  "input there); test: measured once[/]")
     et = result.get("energy_table") or {}
     if et:
         console.print(f"  [dim]energy per image, {et.get('source', '45 nm convention')}[/]")

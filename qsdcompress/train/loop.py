@@ -213,7 +213,8 @@ def setup(cfg: FinetuneConfig, model: nn.Module | None, di: DistInfo) -> Run:
         _restore(run, ckpt)
     else:  # the bar every epoch must clear: the input model on validation
         r = evaluate(student, run.val_loader, di.device, description="eval input", max_batches=cfg.eval_max_batches)
-        run.best = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "epoch": 0, "source": "input"}
+        run.best = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "epoch": 0, "source": "input",
+                    "input_top1": r["top1"]}
         run.best_state = {k: v.detach().clone().cpu() for k, v in student.state_dict().items()}
     run.scheduler.step_update(run.step)
     return run
@@ -408,7 +409,7 @@ def end_epoch(run: Run, epoch: int, ev: dict) -> None:
     run.history.append(row)
     if ev["top1"] > run.best["top1"]:
         run.best = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "epoch": epoch + 1,
-                    "source": ev["source"]}
+                    "source": ev["source"], "input_top1": run.best.get("input_top1")}
         src = run.ema.module if ev["source"] == "ema" and run.ema is not None else run.student
         run.best_state = {k: v.detach().clone().cpu() for k, v in src.state_dict().items()}
     run.sums = _zero_sums()
@@ -416,7 +417,7 @@ def end_epoch(run: Run, epoch: int, ev: dict) -> None:
         write_csv(run.run_dir / "metrics.csv", run.history)
         entropy = f", q/k/v entropy {row['entropy_qkv']:.2f} bits" if "entropy_qkv" in row else ""
         console.print(f"epoch {epoch + 1}/{run.epochs}: loss {row['loss']:.4f} (ce {row['ce']:.4f} kd {row['kd']:.4f} "
-                      f"fgd {row['fgd']:.4f}) val top1 {ev['top1'] * 100:.2f}% [{ev['source']}]{entropy}")
+                      f"fgd {row['fgd']:.4f}) val top1 {ev['top1'] * 100:.2f}% ({ev['source']}){entropy}")
 
 
 def finish(run: Run, seconds: float) -> dict:
@@ -434,6 +435,7 @@ def finish(run: Run, seconds: float) -> dict:
     result = {
         "output": str(run.output), "top1": test["top1"], "top5": test["top5"], "loss": test["loss"],
         "val_top1": best["top1"], "val_top5": best["top5"], "val_loss": best["loss"],
+        "input_val_top1": best.get("input_top1"),
         "best_epoch": best["epoch"], "kept": best["source"], "epochs": len(history), "steps": run.step,
         "losses": {k: history[-1][k] for k in LOSS_PARTS} if history else {},
         "history": history, "teacher": run.teacher.name if run.teacher else None, "input": run.source,
