@@ -118,7 +118,8 @@ def _show_eval(r: dict) -> None:
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Weights file (.pth/.pt/.safetensors/.qsd); same as giving MODEL.")
 @click.option("--data", default="digits", show_default=True,
-              help="digits | synthetic[:N] | cifar10:DIR | cifar100:DIR | an ImageFolder directory.")
+              help="digits | fashion-mnist[:DIR] | mnist:DIR | synthetic[:N] | cifar10:DIR | cifar100:DIR | "
+                   "an ImageFolder directory. With no MODEL, the bundled model of the data is used.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -197,7 +198,8 @@ def _show_convert(r: dict) -> None:
               help="identity: reproduce the replaced neuron exactly; rectify: gamma 0.25, beta 0.5.")
 @click.option("--data", "--calib-data", "calib_data", default="digits", show_default=True,
               help="Calibration images (labels unused; their test split also gives top-1 before/after): "
-                   "digits | synthetic[:N] | cifar10:DIR | an ImageFolder directory.")
+                   "digits | fashion-mnist[:DIR] | mnist:DIR | synthetic[:N] | cifar10:DIR | an ImageFolder "
+                   "directory. With no MODEL, the bundled model of the data is converted.")
 @click.option("--calib-samples", type=click.IntRange(0), default=256, show_default=True,
               help="Images that calibrate the IE-LIF statistics (0: no calibration).")
 @click.option("--calib-batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -284,7 +286,8 @@ def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -
               help="Input size of a timm teacher (default: the size its checkpoint was trained at; "
                    "position embeddings are resampled to another).")
 @click.option("--data", default="digits", show_default=True,
-              help="digits | synthetic[:N] | cifar10:DIR | cifar100:DIR | an ImageFolder directory.")
+              help="digits | fashion-mnist[:DIR] | mnist:DIR | synthetic[:N] | cifar10:DIR | cifar100:DIR | "
+                   "an ImageFolder directory. With no MODEL, the bundled model of the data is used.")
 @click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--steps", type=click.IntRange(1), default=None, help="Total optimizer steps (overrides --epochs).")
 @click.option("--limit-train-batches", type=click.IntRange(1), default=None, help="At most this many batches per epoch.")
@@ -488,22 +491,26 @@ def report_cmd(model: str | None, data: str, split: str, batches: int, batch_siz
 
 @main.command("demo", context_settings=CONTEXT)
 @click.option("--bits", type=click.IntRange(1, 8), default=4, show_default=True, help="Weight bits.")
+@click.option("--data", default="digits", show_default=True,
+              help="digits (bundled, runs anywhere) or fashion-mnist[:DIR] (the real benchmark: "
+                   "apt-get install dataset-fashion-mnist).")
 @click.option("--teacher", default="ann", show_default=True,
               help="Teacher for finetuning: ann (the bundled counterpart ANN) or vit_digits.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Finetuning epochs (default: the finetune default).")
 @workdir_option
 @json_option
-def demo_cmd(bits: int, teacher: str, epochs: int | None, workdir: Path, as_json: bool) -> None:
+def demo_cmd(bits: int, data: str, teacher: str, epochs: int | None, workdir: Path, as_json: bool) -> None:
     """The whole pipeline on the bundled digits model, in a few minutes on a laptop CPU.
 
     convert (W4 + IE-LIF) -> finetune (ANN teacher, KD + fine-grained distillation) -> export
     (packed ONNX, checked with onnxruntime) -> report, ending with one table: float vs converted
-    vs finetuned vs ONNX (top-1, size, SOPs, energy). Outputs stay in --workdir.
+    vs finetuned vs ONNX (val and test top-1, size, SOPs, energy). Outputs stay in --workdir.
+    With --data fashion-mnist the same runs on the real benchmark and its bundled model.
     """
     from .pipeline import demo, show_demo
     from .ui import console
 
-    r = demo(workdir=workdir, bits=bits, teacher=teacher, epochs=epochs,
+    r = demo(workdir=workdir, bits=bits, teacher=teacher, epochs=epochs, data=data,
              on_stage=lambda s: console.print(f"[bold cyan]{s}[/]"))
     emit(r, as_json, show_demo)
 

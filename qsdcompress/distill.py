@@ -26,7 +26,6 @@ from .errors import QsdError, one_line
 from .io import hf_offline, load_state_dict_checked, read_checkpoint, strip_quant_extras
 from .loading import bundled_model, has_reference_lsq, load
 from .models import create_model, describe
-from .zoo import bundled_path
 
 # --- the bundled cross-architecture teacher -------------------------------------------------------
 
@@ -272,8 +271,8 @@ def _load_weights(model: nn.Module, path: str | os.PathLike, what: str) -> None:
 def counterpart_ann(student: nn.Module, checkpoint: str | os.PathLike | None = None) -> nn.Module:
     """The ANN with the student's topology (neurons -> clamped ReLU) and trained weights.
 
-    Weights come from ``checkpoint``; for ``qsd_tiny`` students without one, the bundled digits
-    ANN. Never returned untrained.
+    Weights come from ``checkpoint``; for the bundled students without one (``qsd_tiny``,
+    ``qsd_tiny_fmnist``), their bundled ANN. Never returned untrained.
     """
     arch = getattr(student, "arch", None)
     if arch is None or not hasattr(student, "cfg"):
@@ -282,10 +281,8 @@ def counterpart_ann(student: nn.Module, checkpoint: str | os.PathLike | None = N
     if checkpoint is not None:
         ann = create_model(arch, **cfg)
         _load_weights(ann, checkpoint, "teacher checkpoint")
-    elif arch == "qsd_tiny":
-        if not bundled_path(ann=True).exists():
-            raise QsdError(f"bundled ANN teacher missing: {bundled_path(ann=True)} (run examples/train_bundled.py)")
-        ann = bundled_model(ann=True)
+    elif arch in ("qsd_tiny", "qsd_tiny_fmnist"):
+        ann = bundled_model(ann=True, data="fashion-mnist" if arch == "qsd_tiny_fmnist" else "digits")
         if ann.num_classes != student.num_classes:
             raise QsdError(f"the bundled ANN predicts {ann.num_classes} classes, the student "
                            f"{student.num_classes}; pass --teacher-checkpoint")

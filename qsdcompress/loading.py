@@ -27,9 +27,16 @@ from .quant import import_reference_lsq, is_quant_layer, quant_bits, restore_qua
 from .zoo import bundled_path
 
 
-def bundled_model(ann: bool = False) -> nn.Module:
-    """The bundled ``qsd_tiny`` trained on digits (``ann=True``: its counterpart ANN)."""
-    return load(bundled_path(ann))
+def bundled_model(ann: bool = False, data: str = "digits") -> nn.Module:
+    """The bundled model of a data set (``qsd_tiny`` on digits, ``qsd_tiny_fmnist`` on
+    ``fashion-mnist``); ``ann=True``: its counterpart ANN."""
+    path = bundled_path(ann, data)
+    if not path.exists():
+        fmnist = str(data).split(":", 1)[0] == "fashion-mnist"
+        script = "examples/train_fmnist.py" if fmnist else "examples/train_bundled.py"
+        raise QsdError(f"no bundled model for --data {data} in this installation ({path}); train it with "
+                       f"{script} or pass MODEL")
+    return load(path)
 
 
 def _infer_model_args(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -252,14 +259,15 @@ def save(model: nn.Module, path: str | os.PathLike, kind: str | None = None, kee
     return save_qsd(path, sd, meta)
 
 
-def resolve_model(model: nn.Module | str | os.PathLike | None, arch: str | None = None) -> nn.Module:
-    """A model given as a module, a path, or None (the bundled model)."""
+def resolve_model(model: nn.Module | str | os.PathLike | None, arch: str | None = None,
+                  data: str = "digits") -> nn.Module:
+    """A model given as a module, a path, or None (the bundled model of ``data``)."""
     if isinstance(model, nn.Module):
         return model
     if model is None and arch is not None:
         resolve_name(arch)  # an unknown name fails here with suggestions
         raise QsdError(f"--arch {arch} needs the weights: pass --checkpoint PATH (or MODEL)")
-    return load(model, arch=arch)
+    return bundled_model(data=data) if model is None else load(model, arch=arch)
 
 
 def newest_qsd(workdir: str | os.PathLike) -> Path | None:
@@ -269,17 +277,17 @@ def newest_qsd(workdir: str | os.PathLike) -> Path | None:
     return files[-1] if files else None
 
 
-def resolve_source(model: nn.Module | str | os.PathLike | None, workdir: str | os.PathLike | None
-                   ) -> tuple[nn.Module, str]:
+def resolve_source(model: nn.Module | str | os.PathLike | None, workdir: str | os.PathLike | None,
+                   data: str = "digits") -> tuple[nn.Module, str]:
     """The model to export/report and where it came from: a module, a path, else the newest
-    ``.qsd`` of ``workdir``, else the bundled model."""
+    ``.qsd`` of ``workdir``, else the bundled model of ``data``."""
     if isinstance(model, nn.Module):
         return model, getattr(model, "arch", "model")
     if model is None:
         found = newest_qsd(workdir) if workdir is not None else None
         if found is not None:
             return load(found), str(found)
-        return bundled_model(), str(bundled_path())
+        return bundled_model(data=data), str(bundled_path(data=data))
     return load(model), str(model)
 
 

@@ -43,7 +43,7 @@ def evaluate_model(model: nn.Module | str | os.PathLike | None = None, data: str
         loader = build_loader(data, split, cfg, batch_size=batch_size, num_classes=num_classes)
         return {**evaluate(predictor, loader, "cpu", description="eval (onnxruntime)", max_batches=max_batches),
                 "model": str(model), "data": data, "runtime": "onnxruntime"}
-    m = resolve_model(model, arch)
+    m = resolve_model(model, arch, data)
     dev = pick_device(device)
     m.to(dev)
     if spike_mode:
@@ -133,7 +133,9 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     else:
         if model is None and arch is not None:
             resolve_model(None, arch)  # explains that weights are needed
-        path = Path(model) if model is not None else bundled_path()
+        path = Path(model) if model is not None else bundled_path(data=config.calib_data)
+        if not path.exists() and model is None:
+            resolve_model(None, data=config.calib_data)  # says which bundled model is missing
         float_model = load(path, arch=arch)
         source = {"path": str(path), "sha256": sha256_file(path)}
     float_model.eval()
@@ -163,13 +165,16 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
          epochs: int | None = None, data: str = "digits", report_batches: int = 4,
          on_stage: Callable[[str], None] | None = None) -> dict:
     """Run convert (``bits``-bit weights, IE-LIF on q/k/v) -> finetune (``teacher``, KD + FGD) ->
-    export (packed ONNX, parity-checked) -> report on the bundled digits model.
+    export (packed ONNX, parity-checked) -> report on the bundled model of ``data`` (digits, or
+    ``fashion-mnist`` where its bundled model and data are installed).
 
     Returns ``{"rows": {"float", "converted", "finetuned", "onnx"}, "stages": {...}, ...}``;
     each row has ``top1``, ``size_bytes``, ``sops`` and ``energy_mj``.
     """
-    if data != "digits":
-        raise QsdError("the demo runs on the bundled digits model; use the individual commands for other data")
+    if str(data).split(":", 1)[0] not in ("digits", "fashion-mnist"):
+        raise QsdError("the demo runs on a bundled model: --data digits or fashion-mnist[:DIR]; use the "
+                       "individual commands for other data")
+    float_model = resolve_model(None, data=data)  # fails here, before any work, when it is missing
     say = on_stage or (lambda s: None)
     wd = ensure_writable_dir(workdir, "work directory")
     t0 = time.perf_counter()
@@ -177,13 +182,14 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
 
     say(f"1/4 convert: {bits}-bit weights, IE-LIF on q/k/v")
     t = time.perf_counter()
-    conv = run_convert(None, QuantConfig(bits=bits), workdir=wd, keep_float=True)  # finetune starts from float
+    conv = run_convert(None, QuantConfig(bits=bits, calib_data=data), workdir=wd,
+                       keep_float=True)  # finetune starts from the float weights
     stages["convert"] = {**{k: conv[k] for k in ("output", "top1_before", "top1_after")},
                          "seconds": round(time.perf_counter() - t, 1)}
 
     say(f"2/4 finetune: teacher {teacher}, logit KD + fine-grained distillation")
     t = time.perf_counter()
-    ft_opts: dict[str, Any] = {"workdir": str(wd)}
+    ft_opts: dict[str, Any] = {"workdir": str(wd), "data": data}
     if epochs is not None:
         ft_opts["epochs"] = epochs
     ft = finetune(wd / "converted.qsd", teacher=teacher, **ft_opts)
@@ -192,26 +198,25 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
 
     say("3/4 export: packed low-bit ONNX, checked against onnxruntime")
     t = time.perf_counter()
-    ex = export(Path(ft["output"]), output=wd / "model.onnx", workdir=wd)
+    ex = export(Path(ft["output"]), output=wd / "model.onnx", workdir=wd, data=data)
     stages["export"] = {k: ex.get(k) for k in ("output", "file_bytes", "weight_bits_bytes", "max_abs_diff",
                                                 "top1_agreement")}
     stages["export"]["seconds"] = round(time.perf_counter() - t, 1)
 
     say("4/4 report: accuracy, size, spikes and energy")
     t = time.perf_counter()
-    float_model = load(bundled_path())
     converted = load(wd / "converted.qsd")
     finetuned = load(Path(ft["output"]))
     reps = {name: report(m, data=data, batches=report_batches, compare_float=False)
             for name, m in (("float", float_model), ("converted", converted), ("finetuned", finetuned))}
-    # convert and finetune already evaluated these models on the full digits test split
+    # convert and finetune already evaluated these models on the full test split
     tops = {"float": conv["top1_before"], "converted": conv["top1_after"], "finetuned": ft["top1"]}
     vals = {"converted": ft.get("input_val_top1"), "finetuned": ft.get("val_top1")}  # what finetune chose on
     onnx_eval = evaluate_model(str(ex["output"]), data=data)
     stages["report"] = {"seconds": round(time.perf_counter() - t, 1)}
 
     rows = {
-        "float": _row(tops["float"], reps["float"], what="bundled qsd_tiny, float32 weights"),
+        "float": _row(tops["float"], reps["float"], what=f"bundled {float_model.arch}, float32 weights"),
         "converted": _row(tops["converted"], reps["converted"], what=f"W{bits} after convert (no finetuning)",
                           val_top1=vals["converted"]),
         "finetuned": _row(tops["finetuned"], reps["finetuned"], what=f"W{bits} after finetune ({teacher} teacher)",
@@ -224,7 +229,7 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
     for r in rows.values():
         r["size_x"] = f["size_bytes"] / r["size_bytes"] if r["size_bytes"] else None
         r["energy_x"] = f["energy_mj"] / r["energy_mj"] if r.get("energy_mj") else None
-    return {"workdir": str(wd), "bits": bits, "teacher": teacher, "rows": rows, "stages": stages,
+    return {"workdir": str(wd), "data": data, "bits": bits, "teacher": teacher, "rows": rows, "stages": stages,
             "energy_table": reps["float"]["energy_table"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -232,7 +237,7 @@ def show_demo(result: dict) -> None:
     """The comparison table on stderr."""
     from rich.table import Table
 
-    t = Table(title=f"qsdcompress demo: bundled digits model, W{result['bits']}, "
+    t = Table(title=f"qsdcompress demo: bundled {result.get('data', 'digits')} model, W{result['bits']}, "
                     f"{result['seconds']:.0f} s, outputs in {result['workdir']}")
     for c in ("model", "val top-1", "test top-1", "size", "size x", "SOPs", "energy (mJ)", "energy x"):
         t.add_column(c, justify="left" if c == "model" else "right")

@@ -47,3 +47,27 @@ def test_eval_max_batches_and_table():
     r = run("eval", "--max-batches", "1", "--batch-size", "16")
     assert r.exit_code == 0
     assert "top1" in r.output
+
+
+def test_no_model_means_the_bundled_model_of_the_data(tmp_path, monkeypatch):
+    """``--data fashion-mnist[:DIR]`` with no MODEL uses the bundled Fashion-MNIST model (here a
+    stand-in file at its zoo path, on a small IDX folder); missing, one clear line says so."""
+    import qsdcompress.zoo as zoo
+    from qsdcompress.loading import save
+
+    from test_data import make_idx_dir
+
+    data = tmp_path / "fm"
+    make_idx_dir(data, n_train=40, n_test=20)
+    spec = f"fashion-mnist:{data}"
+    monkeypatch.setattr(zoo, "FMNIST_SNN", tmp_path / "missing.qsd")
+    r = CliRunner().invoke(main, ["eval", "--data", spec, "--json"])
+    assert r.exit_code == 2 and "no bundled model for --data" in r.output and "train_fmnist.py" in r.output
+    stand_in = tmp_path / "fm.qsd"
+    save(q.create_model("qsd_tiny_fmnist").eval(), stand_in)
+    monkeypatch.setattr(zoo, "FMNIST_SNN", stand_in)
+    r = CliRunner().invoke(main, ["eval", "--data", spec, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["samples"] == 20 and out["model"] == "qsd_tiny_fmnist"
+    assert zoo.bundled_path(data="digits") == zoo.BUNDLED_SNN

@@ -109,7 +109,7 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
     cfg = _resolve_config(config, overrides)
     t0 = time.perf_counter()
     output = _output_path(output, workdir)
-    src_model, source = resolve_source(model, workdir)
+    src_model, source = resolve_source(model, workdir, cfg.data)
     src_model.eval()
     x = parity_batch(src_model, cfg.data, cfg.parity_samples)
     proto, facts = build_onnx(src_model, source, cfg, x[:2])

@@ -93,7 +93,7 @@ def report(model: nn.Module | str | os.PathLike | None = None, workdir: str | os
     table = _energy_table(energy_table)
     if batches < 1:
         raise QsdError("--batches must be at least 1")
-    m, source = resolve_source(model, workdir)
+    m, source = resolve_source(model, workdir, data)
     m.eval()
     loader = build_loader(data, split, DataConfig.from_model(m), batch_size=batch_size, shuffle=False,
                           num_classes=getattr(m, "num_classes", 10))

@@ -1,7 +1,8 @@
-"""Bundled weights: ``qsd_tiny`` trained on the digits data set, and its counterpart ANN.
-
-Produced by ``examples/train_bundled.py`` (fixed seed, CPU); the command and the accuracy are in
-README.md. Stored as ``.qsd`` files (safetensors + JSON metadata).
+"""Bundled weights: ``qsd_tiny`` trained on the digits data set and its counterpart ANN
+(``examples/train_bundled.py``), and ``qsd_tiny_fmnist`` trained on Fashion-MNIST with its
+counterpart ANN (``examples/train_fmnist.py``); fixed seeds, CPU; commands and accuracy in
+README.md. Stored as ``.qsd`` files (safetensors + JSON metadata). Commands given no MODEL use the
+bundled model of their ``--data``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ FMNIST_SNN = ZOO_DIR / "qsd_tiny_fmnist.qsd"
 FMNIST_ANN = ZOO_DIR / "qsd_tiny_fmnist_ann.qsd"
 
 
-def bundled_path(ann: bool = False) -> Path:
+def bundled_path(ann: bool = False, data: str = "digits") -> Path:
+    """The bundled model for a data spec: Fashion-MNIST's for ``fashion-mnist[:DIR]``, else digits'."""
+    if str(data).split(":", 1)[0] == "fashion-mnist":
+        return FMNIST_ANN if ann else FMNIST_SNN
     return BUNDLED_ANN if ann else BUNDLED_SNN
 
 
