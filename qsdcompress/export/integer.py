@@ -335,6 +335,33 @@ def rewrite_integer(proto, registry: dict[str, QWeight], int2: bool) -> dict:
             "remaining": {p: qw for p, qw in registry.items() if p not in rw.done}}
 
 
+def foldable_dequant(proto) -> int:
+    """``DequantizeLinear(w, scale, axis=0)`` of a weight initializer -> ``Mul(Cast(w, FLOAT),
+    scale)``: the same float weight, but onnxruntime folds Cast and Mul at load (it never folds
+    DequantizeLinear), so the float layers do not dequantize their weights on every run. The
+    file keeps the packed integers. Returns the number of nodes rewritten."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes, done = [], 0
+    for n in g.node:
+        w, s = (n.input[0], n.input[1]) if n.op_type == "DequantizeLinear" else ("", "")
+        if w not in inits or s not in inits or _attr(n, "axis", 1) != 0 or len(n.input) > 2:
+            nodes.append(n)
+            continue
+        rank = len(inits[w].dims)
+        scale = numpy_helper.to_array(inits[s]).reshape([-1] + [1] * (rank - 1))
+        g.initializer.remove(inits[s])
+        g.initializer.append(numpy_helper.from_array(scale.astype(np.float32), s))
+        nodes.append(helper.make_node("Cast", [w], [f"{n.output[0]}_f"], to=1))
+        nodes.append(helper.make_node("Mul", [f"{n.output[0]}_f", s], [n.output[0]]))
+        done += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return done
+
+
 def finish_integer_graph(proto, opset: int) -> None:
     """After the rewrite: drop what the integer layers replaced, merge duplicates (the q/k/v
     branches read the same spikes), short names, and the opsets (standard + com.microsoft)."""
@@ -342,6 +369,7 @@ def finish_integer_graph(proto, opset: int) -> None:
 
     from .graph import _compact, _dedupe, _drop_dead
 
+    foldable_dequant(proto)
     _drop_dead(proto)
     _dedupe(proto)
     _drop_dead(proto)
