@@ -149,7 +149,7 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
         **parity, **facts, "seconds": round(time.perf_counter() - t0, 2),
     }
     if not quiet():
-        console.print(f"exported {output} ({file_bytes:,} bytes; {res['file_vs_weight_bits']:.3f}x params*bits/8); "
+        console.print(f"exported {output} ({cfg.format} format, {file_bytes:,} bytes; {res['file_vs_weight_bits']:.3f}x params*bits/8); "
                       f"onnxruntime vs PyTorch on {parity['parity_samples']} images: max |logit diff| "
                       f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement'] * 100:.1f}%")
     return res

@@ -35,6 +35,11 @@ from .folding import ExportNeuron, QWeight, export_module
 from .graph import packed_tensor, storage_bits
 
 MS_DOMAIN = "com.microsoft"
+# A k x k (or strided) conv gathers its windows first (im2col): k*k bytes per input element written
+# and read again before the GEMM. The integer GEMM saves time in proportion to the output
+# channels, the gather costs the same for any; below this many output channels the float conv
+# was as fast or faster here (2 threads, AVX512-VNNI; benchmarks/RESULTS.md), so it stays float.
+MIN_WINDOW_COUT = 64
 _SHAPE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
@@ -229,6 +234,9 @@ class _Rewriter:
         k = tuple(int(v) for v in ints.shape[2:])
         windows = any(v > 1 for v in k) or any(pads) or any(s > 1 for s in strides)
         spatial = (self.shapes.get(n.input[0]) or [None])[2:]
+        if windows and ints.shape[0] < MIN_WINDOW_COUT:
+            self.skipped[pname] = f"k x k conv with < {MIN_WINDOW_COUT} output channels (im2col costs more than it saves)"
+            return False
         if any(d != 1 for d in _attr(n, "dilations", [1] * nd)) or (
                 windows and (len(spatial) != nd or None in spatial)):
             self.skipped[pname] = "dilated conv or unknown input size"
