@@ -8,7 +8,7 @@ Every export passes the usual parity check against PyTorch. Median of the repeat
 warm-up; batch 32 uses a quarter of the repeats (at least one).
 
     python benchmarks/onnx_latency.py [--threads 2] [--repeats 10] [--big-repeats 3]
-        [--models bundled qsd_8_256 qsd_8_512] [--no-eager-big]
+        [--models bundled qsd_8_256 qsd_8_512] [--eager-b32 bundled qsd_8_256]
 """
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--big-repeats", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=["bundled", "qsd_8_256", "qsd_8_512"])
-    ap.add_argument("--no-eager-big", action="store_true", help="skip PyTorch eager at batch 32 on 224 px models")
+    ap.add_argument("--eager-b32", nargs="*", default=["bundled", "qsd_8_256"],
+                    help="models timed in PyTorch eager at batch 32 too (minutes per run for qsd_8_512)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = QuantConfig(bits=4, calib_batches=0, scale_init="lsq")
@@ -137,13 +138,17 @@ def main() -> None:
         for name in a.models:
             if name == "bundled":
                 fl = q.load().eval()
-                bench("bundled", fl, convert(fl, cfg).eval(), 32, a.repeats, a.threads, Path(d), 360, True)
+                bench("bundled", fl, convert(fl, cfg).eval(), 32, a.repeats, a.threads, Path(d), 360,
+                      name in a.eager_b32)
             else:
                 fl = q.create_model(name, num_classes=1000)
                 fl = randomize(fl, parity_batch(fl, "digits", 4))
                 bench(name, fl, convert(fl, cfg).eval(), 224, a.big_repeats, a.threads, Path(d), 4,
-                      not a.no_eager_big)
-    print(f"torch {torch.__version__}, threads {a.threads}, cpus {os.cpu_count()}")
+                      name in a.eager_b32)
+    import onnxruntime
+
+    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, threads {a.threads}, "
+          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

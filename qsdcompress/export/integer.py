@@ -37,9 +37,10 @@ from .graph import packed_tensor, storage_bits
 MS_DOMAIN = "com.microsoft"
 # A k x k (or strided) conv gathers its windows first (im2col): k*k bytes per input element written
 # and read again before the GEMM. The integer GEMM saves time in proportion to the output
-# channels, the gather costs the same for any; below this many output channels the float conv
-# was as fast or faster here (2 threads, AVX512-VNNI; benchmarks/RESULTS.md), so it stays float.
-MIN_WINDOW_COUT = 64
+# channels, the gather costs the same for any. On qsd_8_256 (2 threads, AVX512-VNNI) the
+# 96 -> 24 channel 3x3 conv at 112x112 was no faster as integers; convs with >= 48 output
+# channels were, so narrower ones stay float.
+MIN_WINDOW_COUT = 32
 _SHAPE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
@@ -370,6 +371,27 @@ def foldable_dequant(proto) -> int:
     return done
 
 
+def _share_small_initializers(proto, max_bytes: int = 64) -> None:
+    """One initializer per distinct small constant (the im2col offsets, steps and scalar scales
+    repeat in every layer); the graph text stays small beside the packed weights."""
+    g = proto.graph
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    kept = []
+    for t in g.initializer:
+        key = (t.data_type, tuple(t.dims), t.raw_data) if t.raw_data and len(t.raw_data) <= max_bytes else None
+        if key is not None and key in first:
+            alias[t.name] = first[key]
+            continue
+        if key is not None:
+            first[key] = t.name
+        kept.append(t)
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    for n in g.node:
+        n.input[:] = [alias.get(i, i) for i in n.input]
+
+
 def finish_integer_graph(proto, opset: int) -> None:
     """After the rewrite: drop what the integer layers replaced, merge duplicates (the q/k/v
     branches read the same spikes), short names, and the opsets (standard + com.microsoft)."""
@@ -378,6 +400,7 @@ def finish_integer_graph(proto, opset: int) -> None:
     from .graph import _compact, _dedupe, _drop_dead
 
     foldable_dequant(proto)
+    _share_small_initializers(proto)
     _drop_dead(proto)
     _dedupe(proto)
     _drop_dead(proto)
