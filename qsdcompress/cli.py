@@ -392,6 +392,9 @@ def _show_export(r: dict) -> None:
     t.add_row("params*bits/8 (quantized weights at b bits, rest float32)", f"{r['weight_bits_bytes']:,}")
     t.add_row("file / params*bits/8", f"{r['file_vs_weight_bits']:.3f}x")
     t.add_row("weight storage", ", ".join(f"{k} x{v}" for k, v in r["initializers"].items()) + f" (opset {r['opset']})")
+    if r.get("format") == "int":
+        t.add_row("integer layers", f"{r['integer_layers']} of {r['weight_layers']} (+{r['integer_products']} "
+                                    f"attention products)")
     t.add_row(f"max |logit diff| ({r['parity_samples']} images)", f"{r['max_abs_diff']:.3g}")
     t.add_row("images differing (spike flips at .5)", f"{r['images_differing']} (allowed {r['images_allowed_to_differ']})")
     t.add_row("top-1 agreement", f"{r['top1_agreement'] * 100:.2f}%")
@@ -409,26 +412,35 @@ def _show_export(r: dict) -> None:
               help="Store weights of <= 2 bits as INT2 (opset 25); --no-int2 stores them as INT4 (opset 21).")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="An image matches when max |logit diff| <= rtol * max(1, max |logit|).")
+@click.option("--format", "fmt", type=click.Choice(["int", "qdq"]), default="int", show_default=True,
+              help="int: every layer fed by spikes runs as an integer kernel (uint8 spikes x int8 weights, "
+                   "int32 sums, onnxruntime's com.microsoft MatMulIntegerToFloat); faster on CPU. "
+                   "qdq: weights dequantized to float, standard ONNX ops only (portable to any runtime).")
 @workdir_option
 @json_option
 def export_cmd(model: str | None, output: Path | None, data: str, parity_samples: int, int2: bool, rtol: float,
-               workdir: Path, as_json: bool) -> None:
+               fmt: str, workdir: Path, as_json: bool) -> None:
     """Export MODEL to ONNX with packed low-bit weights and check it with onnxruntime.
 
     MODEL defaults to the newest .qsd in WORKDIR (else the bundled model). BatchNorm and IE-LIF
     are folded into the convolutions, b-bit weights are stored as INT4 (b <= 4), INT2 (b <= 2)
-    or INT8 with a per-channel scale, and spikes are plain ONNX ops. The export fails (and
+    or INT8 with a per-channel scale. With --format int (default) a layer whose input is spikes
+    multiplies the spike counts (uint8) by its integers (int8) with int32 sums, then applies one
+    float scale per channel; the attention products are integer too. The first layer (pixels),
+    depthwise convs and layers fed by another layer's output stay float. The export fails (and
     writes nothing) when onnxruntime disagrees with PyTorch beyond tolerance.
 
     \b
     Examples:
       qsdcompress export
+      qsdcompress export --format qdq -o portable.onnx
       qsdcompress export qsdcompress-out/finetuned.qsd -o model4.onnx --json
       qsdcompress eval qsdcompress-out/model.onnx
     """
     from .export import export
 
-    r = export(model, output, workdir=workdir, data=data, parity_samples=parity_samples, int2=int2, rtol=rtol)
+    r = export(model, output, workdir=workdir, data=data, parity_samples=parity_samples, int2=int2, rtol=rtol,
+               format=fmt)
     emit(r, as_json, _show_export)
 
 

@@ -70,11 +70,12 @@ def test_packed_tensor_refuses_integers_out_of_range():
 
 @pytest.fixture(scope="module")
 def w4(tmp_path_factory):
-    """A 4-bit IE-LIF model and its export, shared by the tests that only read them."""
+    """A 4-bit IE-LIF model and its qdq export (the structure checked below: Gemm fed by
+    DequantizeLinear), shared by the tests that only read them."""
     m = _converted(4)
     _perturb_ie_lif(m)
     out = tmp_path_factory.mktemp("w4") / "m.onnx"
-    return m, out, export(m, out, parity_samples=32)
+    return m, out, export(m, out, parity_samples=32, format="qdq")
 
 
 def test_export_w4_ielif_parity_size_and_weights(w4):

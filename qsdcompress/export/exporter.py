@@ -22,7 +22,11 @@ from ..sizing import model_size
 from ..ui import console, quiet
 from .folding import export_module
 from .graph import BASE_OPSET, INT2_OPSET, clean_graph, pack_graph, trace
+from .integer import finish_integer_graph, integer_module, rewrite_integer
 from .runtime import DEFAULT_FLIP_FRACTION, DEFAULT_RTOL, check_parity, ort_session, parity_batch
+
+
+FORMATS = ("int", "qdq")
 
 
 @dataclass
@@ -35,6 +39,7 @@ class ExportConfig:
     data: str = "digits"              # where the parity images come from
     rtol: float = DEFAULT_RTOL        # an image matches when |logit diff| <= rtol * max(1, max |logit|)
     max_flip_fraction: float = DEFAULT_FLIP_FRACTION  # images allowed to differ (spike flips)
+    format: str = "int"               # int: spike-fed layers as integer kernels; qdq: DequantizeLinear + float ops
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +59,8 @@ def _resolve_config(config: ExportConfig | None, overrides: dict[str, Any]) -> E
         setattr(cfg, k, v)
     if cfg.parity_samples < 1:
         raise QsdError("parity samples must be at least 1")
+    if cfg.format not in FORMATS:
+        raise QsdError(f"unknown export format {cfg.format!r}; choose one of {', '.join(FORMATS)}")
     return cfg
 
 
@@ -65,21 +72,36 @@ def _output_path(output: str | os.PathLike | None, workdir: str | os.PathLike | 
     return out
 
 
+def _graph(module: nn.Module, registry: dict, sample, opset: int, use_int2: bool, fmt: str) -> tuple[Any, dict]:
+    """Trace ``module``; ``qdq``: packed weights + DequantizeLinear everywhere; ``int``: spike-fed
+    layers rewritten to integer kernels (see ``integer.py``), the rest as in ``qdq``."""
+    proto = trace(module, sample, min(opset, BASE_OPSET))
+    if fmt == "qdq":
+        counts = pack_graph(proto, registry, use_int2)
+        clean_graph(proto, opset)
+        return proto, {"initializers": counts}
+    clean_graph(proto, opset)
+    info = rewrite_integer(proto, registry, use_int2)
+    counts = dict(info.pop("initializers"))
+    for k, v in pack_graph(proto, info.pop("remaining"), use_int2).items():
+        counts[k] = counts.get(k, 0) + v
+    finish_integer_graph(proto, opset)
+    return proto, {"initializers": counts, **info}
+
+
 def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> tuple[Any, dict]:
     """The checked ONNX model of ``src_model`` and facts about it (opset, initializers, bits)."""
     import onnx
 
-    module, registry = export_module(src_model)
+    module, registry = integer_module(src_model) if cfg.format == "int" else export_module(src_model)
     bits_used = {qw.bits for qw in registry.values() if qw.ints is not None}
     use_int2 = cfg.int2 and any(b <= 2 for b in bits_used)
     opset = cfg.opset or (INT2_OPSET if use_int2 else BASE_OPSET)
     if use_int2 and opset < INT2_OPSET:
         raise QsdError(f"INT2 weights need opset >= {INT2_OPSET}; pass --no-int2 to store them as INT4")
-    proto = trace(module, sample, min(opset, BASE_OPSET))
-    counts = pack_graph(proto, registry, use_int2)
-    clean_graph(proto, opset)
+    proto, graph_facts = _graph(module, registry, sample, opset, use_int2, cfg.format)
     widths = sorted({q.bits for q in registry.values()})
-    facts = {"opset": opset, "initializers": counts, "T": int(getattr(src_model, "T", 1)),
+    facts = {"format": cfg.format, "opset": opset, **graph_facts, "T": int(getattr(src_model, "T", 1)),
              "int2": "used" if use_int2 else ("not needed" if cfg.int2 else "off (b<=2 stored as INT4)"),
              "layer_bits": {b: sum(1 for q in registry.values() if q.bits == b) for b in widths}}
     meta = {
@@ -87,7 +109,7 @@ def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> 
         "num_classes": int(getattr(src_model, "num_classes", 0)), "T": facts["T"],
         "data_config": _data_config_dict(src_model),
         "weight_bits": {k[: -len(".weight")]: v.bits for k, v in registry.items()},
-        "export": cfg.to_dict(), "opset": opset, "versions": package_versions(),
+        "export": cfg.to_dict(), "format": cfg.format, "opset": opset, "versions": package_versions(),
     }
     proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, separators=(",", ":")))
     proto.producer_name = "qsdcompress"
@@ -127,10 +149,10 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
         **parity, **facts, "seconds": round(time.perf_counter() - t0, 2),
     }
     if not quiet():
-        console.print(f"exported {output} ({file_bytes:,} bytes; {res['file_vs_weight_bits']:.3f}x params*bits/8); "
+        console.print(f"exported {output} ({cfg.format} format, {file_bytes:,} bytes; {res['file_vs_weight_bits']:.3f}x params*bits/8); "
                       f"onnxruntime vs PyTorch on {parity['parity_samples']} images: max |logit diff| "
                       f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement'] * 100:.1f}%")
     return res
 
 
-__all__ = ["ExportConfig", "export", "build_onnx"]
+__all__ = ["ExportConfig", "export", "build_onnx", "FORMATS"]

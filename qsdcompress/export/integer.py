@@ -1,0 +1,413 @@
+"""The integer ONNX format: every layer whose input is spikes runs as an integer kernel.
+
+A spiking neuron's output is ``S * out_scale`` with ``S`` an integer in ``0..D``. In the traced
+graph the neuron is ``Cast(Floor(Clip(D*x, 0, D) + 0.5), UINT8)`` (``S`` as uint8, exact), and its
+float value ``Cast(S, FLOAT) * out_scale`` is kept for the layers that stay float. The rewrite
+below follows ``S`` through shape-only ops and replaces
+
+* a conv/linear fed by spikes (dense, any kernel and stride) by ``MatMulIntegerToFloat``
+  (com.microsoft): spikes uint8 token-major (a k x k conv gathers its k*k shifted windows first:
+  im2col with Pad/Slice/Concat on uint8) times the layer's b-bit integers as int8 (stored packed
+  INT4/INT2 and widened at load by ``Cast``), int32 accumulation, then
+  ``out_scale * per-channel scale`` (BatchNorm and IE-LIF already folded in) plus the bias;
+* a product of two spike tensors (attention ``k_s^T @ v_s``) by ``MatMulInteger`` (uint8 x
+  uint8 -> int32) and a product of spikes with such an int32 result (``q_s @ (k_s^T v_s)``) by an
+  int32 ``MatMul``: exact integers, scaled once at the end.
+
+The neuron is never fused into a requantizing op (QLinear* outputs round half to even, the
+neurons half up): it stays ``Floor(Clip(...))`` on the float pre-activation, so the rounding
+contract is the same as in the ``qdq`` format. Depthwise convs (onnxruntime's integer depthwise
+kernel is not faster) and layers fed by real values (pixels, the output of another conv) stay
+float with ``DequantizeLinear`` weights.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import QsdError
+from ..neurons import AffineMultiSpike, Neuron
+from .folding import ExportNeuron, QWeight, export_module
+from .graph import packed_tensor, storage_bits
+
+MS_DOMAIN = "com.microsoft"
+# A k x k (or strided) conv gathers its windows first (im2col): k*k bytes per input element written
+# and read again before the GEMM. The integer GEMM saves time in proportion to the output
+# channels, the gather costs the same for any. On qsd_8_256 (2 threads, AVX512-VNNI) the
+# 96 -> 24 channel 3x3 conv at 112x112 was no faster as integers; convs with >= 48 output
+# channels were, so narrower ones stay float.
+MIN_WINDOW_COUT = 32
+_SHAPE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+
+
+class _SpikeCount(torch.autograd.Function):
+    """``floor(clamp(levels * x, 0, levels) + 0.5)`` exported as a uint8 tensor cast back to float."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:  # type: ignore[override]
+        return torch.floor(torch.clamp(x * levels, 0, levels) + 0.5)
+
+    @staticmethod
+    def symbolic(g, x, levels: int):  # pragma: no cover - runs inside torch.onnx.export
+        from torch.onnx import TensorProtoDataType as DT  # noqa: F401  (older torch)
+
+        def const(v: float):
+            return g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32))
+
+        s = g.op("Clip", g.op("Mul", x, const(float(levels))), const(0.0), const(float(levels)))
+        s = g.op("Floor", g.op("Add", s, const(0.5)))
+        u8 = g.op("Cast", s, to_i=2)          # TensorProto.UINT8
+        return g.op("Cast", u8, to_i=1)       # TensorProto.FLOAT
+
+
+class IntExportNeuron(Neuron):
+    """A spiking neuron as ``S * out_scale`` with ``S`` visible to the exporter as uint8;
+    ``scale``/``shift`` hold a per-channel input affine (an unfolded IE-LIF), channel dim 2."""
+
+    def __init__(self, levels: int, out_scale: float, scale: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None):
+        super().__init__(levels, out_scale)
+        self.affine = scale is not None
+        if self.affine:
+            self.register_buffer("scale", scale.detach().clone())
+            self.register_buffer("shift", shift.detach().clone())
+
+    def spike_count(self, x: torch.Tensor) -> torch.Tensor:
+        if self.affine:
+            view = (1, 1, -1) + (1,) * (x.dim() - 3)
+            x = x * self.scale.view(view) + self.shift.view(view)
+        return _SpikeCount.apply(x, self.levels)
+
+
+def integer_module(model: nn.Module) -> tuple[nn.Module, dict[str, QWeight]]:
+    """The folded plain-op module (as :func:`export_module`) with every integer neuron replaced
+    by :class:`IntExportNeuron`, so its spikes trace as uint8."""
+    m, registry = export_module(model)
+    for name, n in list(m.named_modules()):
+        if isinstance(n, ExportNeuron) and n.rounding:
+            m.set_submodule(name, IntExportNeuron(n.levels, n.out_scale))
+        elif type(n) is AffineMultiSpike:
+            m.set_submodule(name, IntExportNeuron(n.levels, n.out_scale, n.scale, n.shift))
+    return m.eval(), registry
+
+
+def _attr(node, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+class _Rewriter:
+    """One pass over a cleaned, traced graph: spikes followed through shape ops, integer layers
+    emitted in place of the float ones they replace."""
+
+    def __init__(self, proto, registry: dict[str, QWeight], int2: bool):
+        from onnx import numpy_helper, shape_inference
+
+        self.g = proto.graph
+        self.int2 = int2
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.consts: dict[str, np.ndarray] = {}
+        for n in self.g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        by_bytes = {qw.dequantized().float().numpy().tobytes(): name
+                    for name, qw in registry.items() if qw.ints is not None}
+        self.weight_of: dict[str, str] = {}   # initializer name -> registry parameter name
+        for t in self.g.initializer:
+            if t.data_type == 1 and t.raw_data in by_bytes:
+                self.weight_of[t.name] = by_bytes[t.raw_data]
+        self.registry = registry
+        inferred = shape_inference.infer_shapes(proto, data_prop=True)
+        self.shapes = {}
+        for vi in [*inferred.graph.value_info, *inferred.graph.input]:
+            tt = vi.type.tensor_type
+            self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        self.alt: dict[str, tuple[str, float, str]] = {}  # float tensor -> (integer tensor, scale, u8|i32)
+        self.nodes: list = []
+        self.new_inits: list = []
+        self.done: dict[str, str] = {}        # parameter name -> how it runs
+        self.skipped: dict[str, str] = {}     # parameter name -> why it stays float
+        self.products = 0
+        self.counts: dict[str, int] = {}      # stored integer weights per storage type
+        self._n = 0
+
+    # -- small helpers -------------------------------------------------------------------------
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"int_{hint}_{self._n}"
+
+    def node(self, op: str, inputs: list[str], hint: str, domain: str = "", **attrs) -> str:
+        from onnx import helper
+
+        out = self.name(hint)
+        self.nodes.append(helper.make_node(op, inputs, [out], domain=domain or None, **attrs))
+        return out
+
+    def init(self, arr: np.ndarray, hint: str) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.new_inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def scalar(self, name: str) -> float | None:
+        from onnx import numpy_helper
+
+        if name in self.consts:
+            arr = self.consts[name]
+        elif name in self.inits:
+            arr = numpy_helper.to_array(self.inits[name])
+        else:
+            return None
+        return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
+
+    def producer_map(self) -> dict[str, Any]:
+        return {o: n for n in self.g.node for o in n.output}
+
+    def emit(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], domain=domain or None, **attrs))
+        return output
+
+    # -- integer kernels -----------------------------------------------------------------------
+    def int_weight(self, ints: np.ndarray, qw: QWeight) -> str:
+        """The (K, Cout) integers as a packed initializer, widened to int8 at load by Cast."""
+        from onnx import TensorProto
+
+        sbits = storage_bits(qw.bits, self.int2)
+        name = self.name("w")
+        t = packed_tensor(name, ints, sbits)
+        self.new_inits.append(t)
+        key = TensorProto.DataType.Name(t.data_type)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if sbits == 8:
+            return name
+        return self.node("Cast", [name], "w8", to=3)  # TensorProto.INT8
+
+    def int_matmul(self, a: str, ints: np.ndarray, a_scale: float, qw: QWeight, bias: str, out: str) -> str:
+        """``(a_u8 @ ints) * a_scale * scale[col] + bias`` by MatMulIntegerToFloat."""
+        b = self.int_weight(ints, qw)
+        sa = self.init(np.array(a_scale, np.float32), "as")
+        sb = self.init(qw.scale.float().numpy(), "bs")
+        inputs = [a, b, sa, sb, "", ""] + ([bias] if bias else [])
+        return self.emit("MatMulIntegerToFloat", inputs, out, domain=MS_DOMAIN)
+
+    def im2col(self, t: str, spatial: list[int], k: tuple[int, ...], pads: list[int], strides: list[int]) -> str:
+        """Channels-last uint8 ``t`` -> (N, *out, prod(k) * C): the k-window of every output
+        position, kernel offsets outer and channels inner (zero padding)."""
+        nd = len(k)
+        begin, end = pads[:nd], pads[nd:]
+        outs = [(spatial[d] + begin[d] + end[d] - k[d]) // strides[d] + 1 for d in range(nd)]
+        if any(pads):
+            p = self.init(np.array([0, *begin, 0, 0, *end, 0], np.int64), "pads")
+            t = self.node("Pad", [t, p], "pad")
+        axes = self.init(np.arange(1, nd + 1, dtype=np.int64), "axes")
+        steps = self.init(np.array(strides, np.int64), "steps")
+        cols = []
+        for off in itertools.product(*(range(kd) for kd in k)):
+            st = self.init(np.array(off, np.int64), "st")
+            en = self.init(np.array([off[d] + strides[d] * (outs[d] - 1) + 1 for d in range(nd)], np.int64), "en")
+            cols.append(self.node("Slice", [t, st, en, axes, steps], "win"))
+        return cols[0] if len(cols) == 1 else self.node("Concat", cols, "col", axis=-1)
+
+    def conv(self, n) -> bool:
+        u, c, kind = self.alt[n.input[0]]
+        pname = self.weight_of.get(n.input[1])
+        if kind != "u8" or pname is None:
+            return False
+        qw = self.registry[pname]
+        ints = qw.ints
+        nd = ints.dim() - 2
+        if _attr(n, "group", 1) != 1:
+            self.skipped[pname] = "depthwise/grouped conv (integer kernel not faster)"
+            return False
+        pads = list(_attr(n, "pads", [0] * 2 * nd))
+        strides = list(_attr(n, "strides", [1] * nd))
+        k = tuple(int(v) for v in ints.shape[2:])
+        windows = any(v > 1 for v in k) or any(pads) or any(s > 1 for s in strides)
+        spatial = (self.shapes.get(n.input[0]) or [None])[2:]
+        if windows and ints.shape[0] < MIN_WINDOW_COUT:
+            self.skipped[pname] = f"k x k conv with < {MIN_WINDOW_COUT} output channels (im2col costs more than it saves)"
+            return False
+        if any(d != 1 for d in _attr(n, "dilations", [1] * nd)) or (
+                windows and (len(spatial) != nd or None in spatial)):
+            self.skipped[pname] = "dilated conv or unknown input size"
+            return False
+        t = self.node("Transpose", [u], "nhwc", perm=[0, *range(2, nd + 2), 1])
+        if windows:
+            t = self.im2col(t, spatial, k, pads, strides)
+        b = ints.permute(*range(2, nd + 2), 1, 0).reshape(-1, ints.shape[0]).numpy()
+        bias = n.input[2] if len(n.input) > 2 else ""
+        y = self.int_matmul(t, b, c, qw, bias, self.name("y"))
+        self.emit("Transpose", [y], n.output[0], perm=[0, nd + 1, *range(1, nd + 1)])
+        self.done[pname] = f"conv {'x'.join(map(str, k))}" + (" (im2col)" if windows else "")
+        return True
+
+    def gemm(self, n) -> bool:
+        u, c, kind = self.alt[n.input[0]]
+        pname = self.weight_of.get(n.input[1])
+        plain = (_attr(n, "transA", 0) == 0 and _attr(n, "transB", 0) == 1 and _attr(n, "alpha", 1.0) == 1.0
+                 and _attr(n, "beta", 1.0) == 1.0)
+        if kind != "u8" or pname is None or not plain:
+            return False
+        qw = self.registry[pname]
+        bias = n.input[2] if len(n.input) > 2 else ""
+        self.int_matmul(u, qw.ints.t().numpy(), c, qw, bias, n.output[0])
+        self.done[pname] = "linear"
+        return True
+
+    def matmul(self, n) -> bool:
+        """spikes x spikes -> MatMulInteger; spikes x int32 result -> int32 MatMul (exact)."""
+        (ua, ca, ka), (ub, cb, kb) = self.alt[n.input[0]], self.alt[n.input[1]]
+        if ka == "i32" and kb == "i32":
+            return False
+        if ka == kb == "u8":
+            y = self.node("MatMulInteger", [ua, ub], "mmi")
+        else:
+            a = ua if ka == "i32" else self.node("Cast", [ua], "i32", to=6)  # TensorProto.INT32
+            b = ub if kb == "i32" else self.node("Cast", [ub], "i32", to=6)
+            y = self.node("MatMul", [a, b], "mm")
+        scale = self.init(np.array(ca * cb, np.float32), "ps")
+        self.emit("Mul", [self.node("Cast", [y], "f", to=1), scale], n.output[0])
+        self.alt[n.output[0]] = (y, ca * cb, "i32")
+        self.products += 1
+        return True
+
+    # -- the walk ------------------------------------------------------------------------------
+    def follow(self, n) -> bool:
+        """Record integer views of ``n``'s output; True when ``n`` was replaced."""
+        ins = [i for i in n.input if i]
+        if n.op_type == "Cast" and _attr(n, "to", 0) == 2:
+            self.u8.add(n.output[0])
+        elif n.op_type == "Cast" and _attr(n, "to", 0) == 1 and ins and ins[0] in self.u8:
+            self.alt[n.output[0]] = (ins[0], 1.0, "u8")
+        elif n.op_type == "Mul" and len(ins) == 2 and any(i in self.alt for i in ins):
+            a, b = ins if ins[0] in self.alt else ins[::-1]
+            c = self.scalar(b)
+            if c is not None:
+                t, s, kind = self.alt[a]
+                self.alt[n.output[0]] = (t, s * c, kind)
+        elif n.op_type in _SHAPE_OPS and ins and ins[0] in self.alt:
+            t, s, kind = self.alt[ins[0]]
+            from onnx import helper
+
+            out = self.name("view")
+            self.nodes.append(helper.make_node(n.op_type, [t, *n.input[1:]], [out], **{
+                a.name: helper.get_attribute_value(a) for a in n.attribute}))
+            self.alt[n.output[0]] = (out, s, kind)
+        elif ins and ins[0] in self.alt:
+            if n.op_type == "Conv":
+                return self.conv(n)
+            if n.op_type == "Gemm":
+                return self.gemm(n)
+            if n.op_type == "MatMul" and len(ins) == 2 and ins[1] in self.alt:
+                return self.matmul(n)
+        return False
+
+    def run(self) -> None:
+        self.u8: set[str] = set()
+        for n in list(self.g.node):
+            if not self.follow(n):
+                self.nodes.append(n)
+        del self.g.node[:]
+        self.g.node.extend(self.nodes)
+        self.g.initializer.extend(self.new_inits)
+
+
+def rewrite_integer(proto, registry: dict[str, QWeight], int2: bool) -> dict:
+    """Rewrite a cleaned, traced graph (see the module docstring) in place; returns what runs
+    as integers (``integer_layers``, ``integer_products``, reasons for the float layers), the
+    stored integer weights per type (``initializers``) and the registry of the layers left float
+    (``remaining``, for :func:`qsdcompress.export.graph.pack_graph`)."""
+    rw = _Rewriter(proto, registry, int2)
+    rw.run()
+    quantized = [p for p, qw in registry.items() if qw.ints is not None]
+    float_layers = {p: rw.skipped.get(p, "real-valued input (pixels or another layer's output)")
+                    for p in quantized if p not in rw.done}
+    kinds: dict[str, int] = {}
+    for how in rw.done.values():
+        kinds[how] = kinds.get(how, 0) + 1
+    reasons: dict[str, int] = {}
+    for why in float_layers.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return {"integer_layers": len(rw.done), "weight_layers": len(registry), "integer_products": rw.products,
+            "integer_kinds": kinds, "float_layer_reasons": reasons, "initializers": rw.counts,
+            "remaining": {p: qw for p, qw in registry.items() if p not in rw.done}}
+
+
+def foldable_dequant(proto) -> int:
+    """``DequantizeLinear(w, scale, axis=0)`` of a weight initializer -> ``Mul(Cast(w, FLOAT),
+    scale)``: the same float weight, but onnxruntime folds Cast and Mul at load (it never folds
+    DequantizeLinear), so the float layers do not dequantize their weights on every run. The
+    file keeps the packed integers. Returns the number of nodes rewritten."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes, done = [], 0
+    for n in g.node:
+        w, s = (n.input[0], n.input[1]) if n.op_type == "DequantizeLinear" else ("", "")
+        if w not in inits or s not in inits or _attr(n, "axis", 1) != 0 or len(n.input) > 2:
+            nodes.append(n)
+            continue
+        rank = len(inits[w].dims)
+        scale = numpy_helper.to_array(inits[s]).reshape([-1] + [1] * (rank - 1))
+        g.initializer.remove(inits[s])
+        g.initializer.append(numpy_helper.from_array(scale.astype(np.float32), s))
+        nodes.append(helper.make_node("Cast", [w], [f"{n.output[0]}_f"], to=1))
+        nodes.append(helper.make_node("Mul", [f"{n.output[0]}_f", s], [n.output[0]]))
+        done += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return done
+
+
+def _share_small_initializers(proto, max_bytes: int = 64) -> None:
+    """One initializer per distinct small constant (the im2col offsets, steps and scalar scales
+    repeat in every layer); the graph text stays small beside the packed weights."""
+    g = proto.graph
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    kept = []
+    for t in g.initializer:
+        key = (t.data_type, tuple(t.dims), t.raw_data) if t.raw_data and len(t.raw_data) <= max_bytes else None
+        if key is not None and key in first:
+            alias[t.name] = first[key]
+            continue
+        if key is not None:
+            first[key] = t.name
+        kept.append(t)
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    for n in g.node:
+        n.input[:] = [alias.get(i, i) for i in n.input]
+
+
+def finish_integer_graph(proto, opset: int) -> None:
+    """After the rewrite: drop what the integer layers replaced, merge duplicates (the q/k/v
+    branches read the same spikes), short names, and the opsets (standard + com.microsoft)."""
+    import onnx
+
+    from .graph import _compact, _dedupe, _drop_dead
+
+    foldable_dequant(proto)
+    _share_small_initializers(proto)
+    _drop_dead(proto)
+    _dedupe(proto)
+    _drop_dead(proto)
+    _compact(proto)
+    del proto.opset_import[:]
+    proto.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS_DOMAIN, 1)])
+    proto.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
+
+
+__all__ = ["IntExportNeuron", "integer_module", "rewrite_integer", "finish_integer_graph", "MS_DOMAIN"]

@@ -1,0 +1,180 @@
+"""The integer ONNX format (``format="int"``) beside ``qdq``: parity per pattern, packed weights,
+integer kernels really used, the failure contract, eval and the CLI."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto
+
+import qsdcompress as q
+import qsdcompress.export.exporter as exporter_mod
+from qsdcompress.errors import QsdError
+from qsdcompress.export import ExportConfig, export, parity_batch
+from qsdcompress.export.integer import MS_DOMAIN
+from qsdcompress.quant import convert
+
+
+def _nontrivial(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.nn.Module:
+    """A fresh model has layer scales of 1e-6 (constant logits): BatchNorm statistics measured on
+    real images, random BatchNorm affine and layer scales near 1 make every spike pattern occur."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_scale" in name:
+                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.weight.copy_(0.3 + 0.4 * torch.rand(m.num_features, generator=g))
+            m.bias.copy_(0.3 * torch.rand(m.num_features, generator=g))
+        model.train()
+        model(x)
+    return model.eval()
+
+
+_CACHE: dict = {}
+
+
+def _model(bits: int, D: int, ie_lif: str) -> torch.nn.Module:
+    """A small random qsd_tiny (2 blocks, attention included) converted to b-bit weights."""
+    key = (bits, D, ie_lif)
+    if key not in _CACHE:
+        torch.manual_seed(bits * 10 + D)
+        m = q.create_model("qsd_tiny", D=D, depth=2, embed_dim=(8, 16, 16, 32))
+        m = _nontrivial(m, parity_batch(m, "digits", 32), seed=bits + D)
+        c = convert(m, {"bits": bits, "ie_lif": ie_lif, "calib_batches": 2, "scale_init": "lsq"}).eval()
+        x = parity_batch(c, "digits", 16)
+        with torch.no_grad():
+            logits = c(x)
+        # a model whose logits do not depend on the image proves nothing
+        assert (logits - logits[0]).abs().max() > 1e-3, "constant logits: the parity check would be vacuous"
+        _CACHE[key] = c
+    return _CACHE[key]
+
+
+def _ops(path) -> Counter:
+    return Counter((n.domain or "", n.op_type) for n in onnx.load(str(path)).graph.node)
+
+
+def _inits(path) -> Counter:
+    return Counter(TensorProto.DataType.Name(t.data_type) for t in onnx.load(str(path)).graph.initializer)
+
+
+@pytest.mark.parametrize("fmt", ["int", "qdq"])
+@pytest.mark.parametrize("ie_lif", ["qkv", "none"])
+@pytest.mark.parametrize("D", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_parity_matrix(bits, D, ie_lif, fmt, tmp_path):
+    m = _model(bits, D, ie_lif)
+    out = tmp_path / "m.onnx"
+    r = export(m, out, parity_samples=16, format=fmt)
+    assert r["parity_ok"] and r["format"] == fmt and out.exists()
+    assert r["images_differing"] <= 1 and r["top1_agreement"] >= 15 / 16
+    assert r["max_abs_diff_matching"] <= 1e-5
+    ops = _ops(out)
+    if fmt == "qdq":
+        assert ops[(MS_DOMAIN, "MatMulIntegerToFloat")] == 0 and ops[("", "MatMulInteger")] == 0
+        return
+    # every spike-fed dense layer is one integer GEMM; the two attention products are integer
+    assert ops[(MS_DOMAIN, "MatMulIntegerToFloat")] == r["integer_layers"] >= 10
+    assert ops[("", "MatMulInteger")] == 1 and r["integer_products"] == 2
+    assert r["weight_layers"] == sum(r["initializers"].values())
+    # neurons stay Floor(Clip(...)) (half up), then uint8: never a half-to-even requantization
+    assert ops[("", "Floor")] == ops[("", "Cast")] - _casts_not_to_uint8(out) and ops[("", "QLinearConv")] == 0
+
+
+def _casts_not_to_uint8(path) -> int:
+    return sum(1 for n in onnx.load(str(path)).graph.node if n.op_type == "Cast"
+               and next(a.i for a in n.attribute if a.name == "to") != TensorProto.UINT8)
+
+
+@pytest.mark.parametrize("bits,stored,opset", [(4, "INT4", 21), (2, "INT2", 25), (8, "INT8", 21)])
+def test_int_file_stores_packed_weights_widened_by_cast(bits, stored, opset, tmp_path):
+    m = _model(bits, 4, "none")
+    out = tmp_path / "p.onnx"
+    r = export(m, out, parity_samples=8, format="int")
+    proto = onnx.load(str(out))
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert r["opset"] == opset and r["initializers"] == {stored: r["weight_layers"]}
+    assert _inits(out)[stored] == r["weight_layers"]
+    mmitf = [n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for n in mmitf:
+        w = n.input[1]
+        if bits == 8:
+            assert inits[w].data_type == TensorProto.INT8
+            continue
+        cast = producers[w]  # packed INT4/INT2 initializer -> Cast(to=INT8) -> the integer GEMM
+        assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.INT8
+        t = inits[cast.input[0]]
+        assert TensorProto.DataType.Name(t.data_type) == stored
+        assert len(t.raw_data) == -(-int(np.prod(t.dims)) * (4 if bits == 4 else 2) // 8)
+    assert {o.domain for o in proto.opset_import} == {"", MS_DOMAIN}
+
+
+def test_a_wrong_integer_graph_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
+    m = _model(4, 4, "qkv")
+    real = exporter_mod.rewrite_integer
+
+    def broken(proto, registry, int2):
+        info = real(proto, registry, int2)
+        g = proto.graph
+        node = next(n for n in g.node if n.op_type == "MatMulIntegerToFloat")
+        t = next(t for t in g.initializer if t.name == node.input[3])  # per-channel scale
+        arr = onnx.numpy_helper.to_array(t) * 1.5
+        t.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), t.name))
+        return info
+
+    monkeypatch.setattr(exporter_mod, "rewrite_integer", broken)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(QsdError, match="parity failed"):
+        export(m, out, parity_samples=16, format="int")
+    assert not out.exists()
+
+
+def test_format_option_validation_and_default():
+    assert ExportConfig().format in ("int", "qdq")
+    with pytest.raises(QsdError, match="format"):
+        export(_model(4, 4, "none"), "x.onnx", format="fp16")
+
+
+@pytest.mark.slow
+def test_bundled_digits_int_and_qdq_same_top1_as_pytorch(tmp_path):
+    """The bundled model at W4: onnxruntime agrees with PyTorch on the whole digits test split,
+    and ``eval`` of both formats gives the same top-1."""
+    from qsdcompress.quant import QuantConfig
+
+    m = convert(q.load(), QuantConfig(bits=4, calib_batches=0, scale_init="lsq")).eval()
+    res = {}
+    for fmt in ("int", "qdq"):
+        r = export(m, tmp_path / f"{fmt}.onnx", parity_samples=360, format=fmt)
+        assert r["parity_ok"] and r["images_differing"] <= 4
+        res[fmt] = q.eval(str(tmp_path / f"{fmt}.onnx"), batch_size=120)
+        assert res[fmt]["runtime"] == "onnxruntime" and res[fmt]["samples"] == 360
+    ref = q.eval(m, batch_size=120)
+    assert res["int"]["top1"] == res["qdq"]["top1"] == ref["top1"]
+
+
+def test_cli_export_format_int_and_qdq(tmp_path):
+    from qsdcompress.cli import main
+
+    q.save(_model(4, 4, "none"), tmp_path / "converted.qsd")
+    for fmt in ("int", "qdq"):
+        res = CliRunner().invoke(main, ["export", "--workdir", str(tmp_path), "--parity-samples", "8",
+                                        "--format", fmt, "-o", str(tmp_path / f"{fmt}.onnx"), "--json"])
+        assert res.exit_code == 0, res.output
+        d = json.loads(res.stdout)
+        assert d["format"] == fmt and d["parity_ok"]
+        for k in ("output", "file_bytes", "weight_bits_bytes", "max_abs_diff", "top1_agreement"):
+            assert k in d
+        if fmt == "int":
+            assert 0 < d["integer_layers"] < d["weight_layers"] and d["float_layer_reasons"]
+    bad = CliRunner().invoke(main, ["export", "--workdir", str(tmp_path), "--format", "fp16"])
+    assert bad.exit_code == 2
