@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import QsdError
 from ..neurons import AffineMultiSpike, Neuron
 from .folding import ExportNeuron, QWeight, export_module
 from .graph import packed_tensor, storage_bits
@@ -53,8 +52,6 @@ class _SpikeCount(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, levels: int):  # pragma: no cover - runs inside torch.onnx.export
-        from torch.onnx import TensorProtoDataType as DT  # noqa: F401  (older torch)
-
         def const(v: float):
             return g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32))
 
@@ -168,9 +165,6 @@ class _Rewriter:
         else:
             return None
         return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
-
-    def producer_map(self) -> dict[str, Any]:
-        return {o: n for n in self.g.node for o in n.output}
 
     def emit(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
         from onnx import helper
