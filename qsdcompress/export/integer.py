@@ -17,8 +17,9 @@ below follows ``S`` through shape-only ops and replaces
 The neuron is never fused into a requantizing op (QLinear* outputs round half to even, the
 neurons half up): it stays ``Floor(Clip(...))`` on the float pre-activation, so the rounding
 contract is the same as in the ``qdq`` format. Depthwise convs (onnxruntime's integer depthwise
-kernel is not faster) and layers fed by real values (pixels, the output of another conv) stay
-float with ``DequantizeLinear`` weights.
+kernel is not faster), k x k convs with few output channels (``MIN_WINDOW_COUT``) and layers fed
+by real values (pixels, the output of another conv) stay float; their packed weights are widened
+by ``Mul(Cast(w), scale)``, which onnxruntime folds once at load.
 """
 from __future__ import annotations
 
