@@ -392,6 +392,7 @@ def _show_export(r: dict) -> None:
     t.add_row("params*bits/8 (quantized weights at b bits, rest float32)", f"{r['weight_bits_bytes']:,}")
     t.add_row("file / params*bits/8", f"{r['file_vs_weight_bits']:.3f}x")
     t.add_row("weight storage", ", ".join(f"{k} x{v}" for k, v in r["initializers"].items()) + f" (opset {r['opset']})")
+    t.add_row("format", r.get("format", "qdq"))
     if r.get("format") == "int":
         t.add_row("integer layers", f"{r['integer_layers']} of {r['weight_layers']} (+{r['integer_products']} "
                                     f"attention products)")

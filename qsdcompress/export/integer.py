@@ -17,8 +17,9 @@ below follows ``S`` through shape-only ops and replaces
 The neuron is never fused into a requantizing op (QLinear* outputs round half to even, the
 neurons half up): it stays ``Floor(Clip(...))`` on the float pre-activation, so the rounding
 contract is the same as in the ``qdq`` format. Depthwise convs (onnxruntime's integer depthwise
-kernel is not faster) and layers fed by real values (pixels, the output of another conv) stay
-float with ``DequantizeLinear`` weights.
+kernel is not faster), k x k convs with few output channels (``MIN_WINDOW_COUT``) and layers fed
+by real values (pixels, the output of another conv) stay float; their packed weights are widened
+by ``Mul(Cast(w), scale)``, which onnxruntime folds once at load.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import QsdError
 from ..neurons import AffineMultiSpike, Neuron
 from .folding import ExportNeuron, QWeight, export_module
 from .graph import packed_tensor, storage_bits
@@ -53,8 +53,6 @@ class _SpikeCount(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, levels: int):  # pragma: no cover - runs inside torch.onnx.export
-        from torch.onnx import TensorProtoDataType as DT  # noqa: F401  (older torch)
-
         def const(v: float):
             return g.op("Constant", value_t=torch.tensor(v, dtype=torch.float32))
 
@@ -168,9 +166,6 @@ class _Rewriter:
         else:
             return None
         return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
-
-    def producer_map(self) -> dict[str, Any]:
-        return {o: n for n in self.g.node for o in n.output}
 
     def emit(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
         from onnx import helper
