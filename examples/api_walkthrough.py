@@ -14,7 +14,7 @@ print("float top-1:", q.eval(float_model)["top1"])
 #    calibrated on digits; the float model is left untouched.
 w4 = q.convert(float_model, bits=4, ie_lif="qkv")
 print("W4 top-1 before finetuning:", q.eval(w4)["top1"])
-q.save(w4, f"{workdir}/converted.qsd", kind="converted")
+q.save(w4, f"{workdir}/converted.qsd", kind="converted", keep_float=True)  # finetune starts from float
 
 # 3. Distillation-based QAT from the counterpart ANN: CE + logit KD + fine-grained distillation.
 ft = q.finetune(f"{workdir}/converted.qsd", teacher="ann", workdir=workdir, epochs=2)
