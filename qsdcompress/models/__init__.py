@@ -158,7 +158,7 @@ def model_config(name: str, **kwargs: Any) -> SDTConfig:
 
 
 #: architectures with weights bundled in ``qsdcompress/zoo`` (``pretrained=True`` loads them)
-BUNDLED_WEIGHTS = ("qsd_tiny",)
+BUNDLED_WEIGHTS = {"qsd_tiny": "digits", "qsd_tiny_fmnist": "fashion-mnist"}  # architecture -> its data
 
 PretrainedLoader = Callable[[str, dict, dict, Any], nn.Module]
 _PRETRAINED_LOADER: PretrainedLoader | None = None
@@ -237,7 +237,7 @@ def create_model(name: str, pretrained: bool = False, pretrained_cfg: Any = None
     if pretrained:
         from ..zoo import load_bundled_weights
 
-        load_bundled_weights(model, ann=cfg.neuron == "relu")
+        load_bundled_weights(model, ann=cfg.neuron == "relu", data=BUNDLED_WEIGHTS[canonical])
     return model
 
 

@@ -25,12 +25,13 @@ def bundled_path(ann: bool = False, data: str = "digits") -> Path:
     return BUNDLED_ANN if ann else BUNDLED_SNN
 
 
-def load_bundled_weights(model: torch.nn.Module, ann: bool = False) -> None:
+def load_bundled_weights(model: torch.nn.Module, ann: bool = False, data: str = "digits") -> None:
     from ..errors import QsdError
     from ..io import load_state_dict_checked, read_checkpoint
 
-    path = bundled_path(ann)
+    path = bundled_path(ann, data)
     if not path.exists():
-        raise QsdError(f"bundled weights missing: {path} (run examples/train_bundled.py)")
+        script = "train_fmnist.py" if path in (FMNIST_SNN, FMNIST_ANN) else "train_bundled.py"
+        raise QsdError(f"bundled weights missing: {path} (run examples/{script})")
     sd, _ = read_checkpoint(path)
     load_state_dict_checked(model, sd, source=str(path))
