@@ -152,19 +152,18 @@ def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None)
     for site in describe(model).attention:
         hooks.append(model.get_submodule(site.name).register_forward_hook(attn_hook(site.name, site.num_heads)))
     try:
-        st.spikes.__enter__()
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
-            ctx["B"] = int(x.shape[0])
-            logits = model(x)
-            if y is not None:
-                st.labelled = True
-                st.correct += int((logits.argmax(1) == y).sum())
-            st.seen += int(x.shape[0])
+        with st.spikes:
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
+                ctx["B"] = int(x.shape[0])
+                logits = model(x)
+                if y is not None:
+                    st.labelled = True
+                    st.correct += int((logits.argmax(1) == y).sum())
+                st.seen += int(x.shape[0])
     finally:
-        st.spikes.__exit__()
         for h in hooks:
             h.remove()
     if st.seen == 0:
