@@ -25,6 +25,7 @@ import torch
 import qsdcompress as q
 from qsdcompress.config import FinetuneConfig
 from qsdcompress.loading import save
+from qsdcompress.models.random_init import randomize_
 from qsdcompress.quant import QuantConfig, convert
 from qsdcompress.train import run_finetune
 
@@ -33,17 +34,8 @@ def random_model(arch: str = "qsd_8_256", seed: int = 0) -> torch.nn.Module:
     """Random weights with BatchNorm statistics and layer scales that let spikes through."""
     torch.manual_seed(seed)
     m = q.create_model(arch, num_classes=10)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(0.0, 0.5)
-        for name, p in m.named_parameters():
-            if "layer_scale" in name:
-                p.fill_(1.0)
-    return m.eval()
+    images = torch.randn(8, *m.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(seed))
+    return randomize_(m, images, seed)
 
 
 def prepare(workdir: Path) -> Path:

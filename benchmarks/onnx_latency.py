@@ -25,31 +25,10 @@ os.environ.setdefault("QSDCOMPRESS_QUIET", "1")
 
 import qsdcompress as q  # noqa: E402
 from qsdcompress.export import parity_batch  # noqa: E402
+from qsdcompress.models.random_init import randomize_  # noqa: E402
 from qsdcompress.quant import QuantConfig, convert  # noqa: E402
 
 RUNTIMES = ("eager_float", "eager_conv", "onnx_float", "qdq", "int")
-
-
-def randomize(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.nn.Module:
-    """A random network whose spikes vary: BatchNorm running statistics measured on ``x`` (real
-    images), random BatchNorm affine and layer scales near 1 (a fresh model has layer scales of
-    1e-6 and identity BatchNorms: its logits are constant)."""
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_scale" in name:
-                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.weight.copy_(0.3 + 0.4 * torch.rand(m.num_features, generator=g))
-            m.bias.copy_(0.1 + 0.3 * torch.rand(m.num_features, generator=g) - 0.1)
-        model.train()
-        model(x)
-        for m in bns:
-            m.momentum = 0.1
-    return model.eval()
 
 
 def _time(fn, x, repeats: int) -> float:
@@ -142,7 +121,7 @@ def main() -> None:
                       name in a.eager_b32)
             else:
                 fl = q.create_model(name, num_classes=1000)
-                fl = randomize(fl, parity_batch(fl, "digits", 4))
+                fl = randomize_(fl, parity_batch(fl, "digits", 4))
                 bench(name, fl, convert(fl, cfg).eval(), 224, a.big_repeats, a.threads, Path(d), 4,
                       name in a.eager_b32)
     import onnxruntime

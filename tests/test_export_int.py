@@ -15,28 +15,10 @@ from onnx import TensorProto
 import qsdcompress as q
 import qsdcompress.export.exporter as exporter_mod
 from qsdcompress.errors import QsdError
+from qsdcompress.models.random_init import randomize_
 from qsdcompress.export import ExportConfig, export, parity_batch
 from qsdcompress.export.integer import MS_DOMAIN
 from qsdcompress.quant import convert
-
-
-def _nontrivial(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.nn.Module:
-    """A fresh model has layer scales of 1e-6 (constant logits): BatchNorm statistics measured on
-    real images, random BatchNorm affine and layer scales near 1 make every spike pattern occur."""
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_scale" in name:
-                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.weight.copy_(0.3 + 0.4 * torch.rand(m.num_features, generator=g))
-            m.bias.copy_(0.3 * torch.rand(m.num_features, generator=g))
-        model.train()
-        model(x)
-    return model.eval()
 
 
 _CACHE: dict = {}
@@ -48,7 +30,7 @@ def _model(bits: int, D: int, ie_lif: str) -> torch.nn.Module:
     if key not in _CACHE:
         torch.manual_seed(bits * 10 + D)
         m = q.create_model("qsd_tiny", D=D, depth=2, embed_dim=(8, 16, 16, 32))
-        m = _nontrivial(m, parity_batch(m, "digits", 32), seed=bits + D)
+        m = randomize_(m, parity_batch(m, "digits", 32), seed=bits + D)
         c = convert(m, {"bits": bits, "ie_lif": ie_lif, "calib_batches": 2, "scale_init": "lsq"}).eval()
         x = parity_batch(c, "digits", 16)
         with torch.no_grad():
