@@ -38,8 +38,10 @@ def _float_source(model: nn.Module) -> tuple[nn.Module | None, str]:
     path = src.get("path") if isinstance(src, dict) else (src if isinstance(src, str) else None)
     if path:
         p = Path(path)
-        if not p.exists() and p.name == bundled_path().name and bundled_path().exists():
-            p = bundled_path()
+        # a bundled model recorded at another installation's path: this installation's copy
+        here = {b.name: b for b in (bundled_path(), bundled_path(data="fashion-mnist"))}
+        if not p.exists() and p.name in here:
+            p = here[p.name]
         if p.exists():
             try:
                 return load(p), f"source float model {p}"
