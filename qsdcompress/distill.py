@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .data import DataConfig, resize_batch
 from .errors import QsdError, one_line
 from .io import hf_offline, load_state_dict_checked, read_checkpoint, strip_quant_extras
-from .loading import bundled_model, has_reference_lsq, load
+from .loading import bundled_model, has_reference_lsq, hub_weights, load
 from .models import create_model, describe
 
 # --- the bundled cross-architecture teacher -------------------------------------------------------
@@ -432,15 +432,13 @@ def _timm_from_checkpoint(full: str, checkpoint: str | os.PathLike, num_classes:
 def _cached_pretrained(full: str, **kwargs: Any) -> nn.Module:
     """Offline: timm's pretrained weights from the local Hugging Face cache, or a clear error."""
     import timm
-    from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(full)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        cached = try_to_load_from_cache(repo, fname) if repo else None
-        if isinstance(cached, str):
-            return timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
+    cached, _ = hub_weights(repo) if repo else (None, None)
+    if cached is not None:
+        return timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs)
     raise QsdError(f"teacher {full}: offline (HF_HUB_OFFLINE) and its weights are not in the local Hugging Face "
                    f"cache; pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ from .io import (hf_offline, load_state_dict_checked, pack_ints, read_checkpoint
                  strip_quant_extras, unpack_ints)
 from .models import create_model, list_models, model_config, resolve_name, set_pretrained_loader
 from .quant import import_reference_lsq, is_quant_layer, quant_bits, restore_quantized, weight_layers
-from .zoo import bundled_path
+from .zoo import bundled_path, training_script
 
 
 def bundled_model(ann: bool = False, data: str = "digits") -> nn.Module:
@@ -32,10 +32,8 @@ def bundled_model(ann: bool = False, data: str = "digits") -> nn.Module:
     ``fashion-mnist``); ``ann=True``: its counterpart ANN."""
     path = bundled_path(ann, data)
     if not path.exists():
-        fmnist = str(data).split(":", 1)[0] == "fashion-mnist"
-        script = "examples/train_fmnist.py" if fmnist else "examples/train_bundled.py"
         raise QsdError(f"no bundled model for --data {data} in this installation ({path}); train it with "
-                       f"{script} or pass MODEL")
+                       f"{training_script(data)} or pass MODEL")
     return load(path)
 
 
@@ -128,20 +126,32 @@ def _hf_cache_dir(cache_dir: str | os.PathLike | None) -> str | None:
     return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
 
 
-def _hub_file(arch: str, source: dict, cache_dir: str | os.PathLike | None) -> Path:
-    """The weights file a ``hf_hub_id``/``hf_hub_filename`` source names: from the local Hugging
-    Face cache when offline, else downloaded; a one-line error that says what to fetch otherwise."""
+def hub_weights(repo_id: str, names: Sequence[str] = HF_WEIGHT_NAMES, cache_dir: str | os.PathLike | None = None
+                ) -> tuple[Path | None, Exception | None]:
+    """The first of ``names`` in the Hugging Face repository ``repo_id`` (``OWNER/NAME[@REV]``):
+    from the local cache only when offline, else downloaded; ``(None, last error)`` if none."""
     from huggingface_hub import hf_hub_download
 
-    repo, _, rev = source["hf_hub_id"].partition("@")
-    names = [source["hf_hub_filename"]] if source.get("hf_hub_filename") else list(HF_WEIGHT_NAMES)
+    repo, _, rev = repo_id.partition("@")
     offline, err = hf_offline(), None
     for name in names:
         try:
             return Path(hf_hub_download(repo, name, revision=rev or None, cache_dir=_hf_cache_dir(cache_dir),
-                                        local_files_only=offline))
+                                        local_files_only=offline)), None
         except Exception as e:  # not cached, no network, no such file
             err = e
+    return None, err
+
+
+def _hub_file(arch: str, source: dict, cache_dir: str | os.PathLike | None) -> Path:
+    """The weights file a ``hf_hub_id``/``hf_hub_filename`` source names; a one-line error that
+    says what to fetch otherwise."""
+    names = [source["hf_hub_filename"]] if source.get("hf_hub_filename") else list(HF_WEIGHT_NAMES)
+    path, err = hub_weights(source["hf_hub_id"], names, cache_dir)
+    if path is not None:
+        return path
+    repo = source["hf_hub_id"].partition("@")[0]
+    offline = hf_offline()
     what = source.get("description") or "the weights"
     why = ("offline (HF_HUB_OFFLINE) and not in the local Hugging Face cache" if offline
            else f"not downloaded ({one_line(err, 120)})")

@@ -18,11 +18,20 @@ FMNIST_SNN = ZOO_DIR / "qsd_tiny_fmnist.qsd"
 FMNIST_ANN = ZOO_DIR / "qsd_tiny_fmnist_ann.qsd"
 
 
+def _fashion_mnist(data: str) -> bool:
+    return str(data).split(":", 1)[0] == "fashion-mnist"
+
+
 def bundled_path(ann: bool = False, data: str = "digits") -> Path:
     """The bundled model for a data spec: Fashion-MNIST's for ``fashion-mnist[:DIR]``, else digits'."""
-    if str(data).split(":", 1)[0] == "fashion-mnist":
+    if _fashion_mnist(data):
         return FMNIST_ANN if ann else FMNIST_SNN
     return BUNDLED_ANN if ann else BUNDLED_SNN
+
+
+def training_script(data: str = "digits") -> str:
+    """The example that trains the bundled models of a data spec."""
+    return "examples/train_fmnist.py" if _fashion_mnist(data) else "examples/train_bundled.py"
 
 
 def load_bundled_weights(model: torch.nn.Module, ann: bool = False, data: str = "digits") -> None:
@@ -31,7 +40,6 @@ def load_bundled_weights(model: torch.nn.Module, ann: bool = False, data: str = 
 
     path = bundled_path(ann, data)
     if not path.exists():
-        script = "train_fmnist.py" if path in (FMNIST_SNN, FMNIST_ANN) else "train_bundled.py"
-        raise QsdError(f"bundled weights missing: {path} (run examples/{script})")
+        raise QsdError(f"bundled weights missing: {path} (run {training_script(data)})")
     sd, _ = read_checkpoint(path)
     load_state_dict_checked(model, sd, source=str(path))
