@@ -101,6 +101,11 @@ class Run:
 
 # --- pieces of the setup -------------------------------------------------------------------------
 
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights, the candidate kept as the best model."""
+    return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -215,7 +220,7 @@ def setup(cfg: FinetuneConfig, model: nn.Module | None, di: DistInfo) -> Run:
         r = evaluate(student, run.val_loader, di.device, description="eval input", max_batches=cfg.eval_max_batches)
         run.best = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "epoch": 0, "source": "input",
                     "input_top1": r["top1"]}
-        run.best_state = {k: v.detach().clone().cpu() for k, v in student.state_dict().items()}
+        run.best_state = snapshot(student)
     run.scheduler.step_update(run.step)
     return run
 
@@ -411,7 +416,7 @@ def end_epoch(run: Run, epoch: int, ev: dict) -> None:
         run.best = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "epoch": epoch + 1,
                     "source": ev["source"], "input_top1": run.best.get("input_top1")}
         src = run.ema.module if ev["source"] == "ema" and run.ema is not None else run.student
-        run.best_state = {k: v.detach().clone().cpu() for k, v in src.state_dict().items()}
+        run.best_state = snapshot(src)
     run.sums = _zero_sums()
     if run.dist.main:
         write_csv(run.run_dir / "metrics.csv", run.history)
