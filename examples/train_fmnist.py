@@ -67,8 +67,10 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
     tag = "ann" if ann else "snn"
     torch.manual_seed(a.seed)
     g = torch.Generator().manual_seed(a.seed)
-    overrides = {} if a.layer_scale is None else {"layer_scale": a.layer_scale}
-    model = q.create_model(ARCH, ann=ann, **overrides)
+    overrides = {k: v for k, v in (("layer_scale", a.layer_scale), ("strides", a.strides),
+                                   ("embed_dim", a.embed_dim)) if v is not None}
+    # channels-last: the same results, and mkldnn's convolutions train about 1.4x faster on CPU
+    model = q.create_model(ARCH, ann=ann, **overrides).to(memory_format=torch.channels_last)
     cfg = DataConfig.from_model(model)
     train_ds = build_dataset(a.data, "train", cfg)
     if a.subset:
@@ -103,7 +105,8 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
         model.train()
         tl, nb = 0.0, 0
         for x, y in train_loader:
-            loss = F.cross_entropy(model(augment(x, g)), y, label_smoothing=a.smoothing)
+            x = augment(x, g).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(x), y, label_smoothing=a.smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -135,7 +138,7 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
             "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, "epochs": a.epochs,
             "epochs_done": len(history),
             "best_epoch": best["epoch"], "lr": a.lr, "batch_size": a.batch_size, "weight_decay": a.wd,
-            "label_smoothing": a.smoothing, "augment": "random shift 2 px + horizontal flip",
+            "label_smoothing": a.smoothing, "overrides": overrides, "augment": "random shift 2 px + horizontal flip",
             "val_top1": val, "test_top1": test, "seconds": seconds, "threads": a.threads,
             "attention_ablation": abl, "history": history})
         print(f"wrote {out}")
@@ -153,6 +156,8 @@ def main() -> None:
     ap.add_argument("--smoothing", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--layer-scale", type=float, default=None, help="override the architecture's (pilots)")
+    ap.add_argument("--strides", type=int, nargs=5, default=None, help="override the architecture's strides")
+    ap.add_argument("--embed-dim", type=int, nargs=4, default=None, help="override the architecture's widths")
     ap.add_argument("--subset", type=int, default=0, help="train on the first N images only, save nothing (pilots)")
     ap.add_argument("--ckpt-dir", default="runs/fmnist", help="per-epoch checkpoints")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir")

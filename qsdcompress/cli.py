@@ -203,6 +203,9 @@ def _show_convert(r: dict) -> None:
 @click.option("--calib-samples", type=click.IntRange(0), default=256, show_default=True,
               help="Images that calibrate the IE-LIF statistics (0: no calibration).")
 @click.option("--calib-batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--reestimate-bn/--no-reestimate-bn", default=True, show_default=True,
+              help="After quantizing the weights, recompute every BatchNorm's statistics on the calibration "
+                   "images (a standard post-training step, docs/method.md §3).")
 @click.option("--calib-batches", type=click.IntRange(0), default=None, hidden=True,
               help="Older form of --calib-samples: this many batches of --calib-batch-size.")
 @click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
@@ -216,8 +219,8 @@ def _show_convert(r: dict) -> None:
 @json_option
 def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first_last_bits: str | None,
                 skip: tuple[str, ...], scale_init: str, ie_lif: str, ie_lif_init: str, calib_data: str,
-                calib_samples: int, calib_batch_size: int, calib_batches: int | None, arch: str | None,
-                output: Path | None, no_eval: bool,
+                calib_samples: int, calib_batch_size: int, reestimate_bn: bool, calib_batches: int | None,
+                arch: str | None, output: Path | None, no_eval: bool,
                 keep_float: bool, workdir: Path, as_json: bool) -> None:
     """Low-bit weights + IE-LIF neurons: MODEL (default: the bundled digits model) -> WORKDIR/converted.qsd.
 
@@ -237,7 +240,8 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
     cfg = QuantConfig(bits=parse_bits(bits), layer_bits=parse_layer_bits(layer_bits),
                       first_last_bits=parse_bits(first_last_bits, "--first-last-bits") if first_last_bits else None,
                       skip=list(skip), scale_init=scale_init, ie_lif=ie_lif, ie_lif_init=ie_lif_init,
-                      calib_data=calib_data, calib_samples=calib_samples, calib_batch_size=calib_batch_size)
+                      calib_data=calib_data, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
+                      reestimate_bn=reestimate_bn)
     r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval,
                     keep_float=keep_float)
     emit(r, as_json, _show_convert)

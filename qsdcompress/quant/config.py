@@ -61,6 +61,7 @@ class QuantConfig:
     calib_samples: int | None = None    # calibration images; None: calib_batches x calib_batch_size (256)
     calib_batches: int = 8
     calib_batch_size: int = 32
+    reestimate_bn: bool = True  # recompute BatchNorm statistics on the calibration images after quantizing
     mse_grid: int = 16          # coarse candidates of the mse search (then as many refined ones)
 
     def validate(self) -> "QuantConfig":

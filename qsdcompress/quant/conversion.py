@@ -14,7 +14,7 @@ from ..errors import QsdError
 from ..io import load_state_dict_checked, strip_quant_extras
 from ..neurons import IELIF, AffineMultiSpike, iter_neurons
 from .config import FLOAT_BITS, REFERENCE_LSQ_BITS, QuantConfig
-from .ielif import calibrate, ie_lif_targets, neuron_channels, replace_with_ie_lif
+from .ielif import calibrate, ie_lif_targets, reestimate_batchnorm, neuron_channels, replace_with_ie_lif
 from .layers import layer_bits, quantize_, weight_layers
 
 def _neuron_meta(model: nn.Module) -> dict:
@@ -147,13 +147,16 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
         replace_with_ie_lif(m, channels, config.ie_lif_init, config.ie_lif_momentum, config.ie_lif_eps)
     if batches:
         ref = next(m.parameters())
-        calibrate(m, [b.to(device=ref.device, dtype=ref.dtype) for b in batches],
-                  identity=config.ie_lif_init == "identity")
+        batches = [b.to(device=ref.device, dtype=ref.dtype) for b in batches]
+        if config.reestimate_bn:
+            reestimate_batchnorm(m, batches)
+        calibrate(m, batches, identity=config.ie_lif_init == "identity")
     m.train(was_training)
     source = dict((getattr(model, "qsd_meta", None) or {}).get("source") or {})
     m.qsd_quant_meta = quant_meta(m, config, source)
     m.qsd_quant_meta["calibration"] = {"data": calib_from if batches else None,
-                                       "samples": sum(len(b) for b in batches)}
+                                       "samples": sum(len(b) for b in batches),
+                                       "batchnorm_reestimated": bool(batches) and config.reestimate_bn}
     return m
 
 

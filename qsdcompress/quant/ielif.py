@@ -127,6 +127,40 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], identity: bool 
     return n
 
 
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor],
+                        description: str = "re-estimate BatchNorm") -> int:
+    """Recompute every BatchNorm's running mean and variance from ``batches`` (labels unused).
+
+    Quantizing the weights shifts the statistics of every conv's output, while the BatchNorms
+    still hold the float model's; re-estimating them on calibration images is the standard
+    post-training step (docs/method.md §3). Statistics are a plain average over the batches
+    (``momentum=None``); affine parameters are untouched. Returns the number of BatchNorms.
+    """
+    batches = list(batches)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or not batches:
+        return 0
+    was_training = model.training
+    saved = [(bn.momentum, bn.training) for bn in bns]
+    model.eval()
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        with progress_bar(description, len(batches)) as (bar, task):
+            for x in batches:
+                model(x)
+                bar.update(task, advance=1)
+    finally:
+        for bn, (momentum, training) in zip(bns, saved):
+            bn.momentum = momentum
+            bn.train(training)
+        model.train(was_training)
+    return len(bns)
+
+
 def preceding_bn(model: nn.Module, neuron_name: str) -> str | None:
     """Name of the BatchNorm whose output is the neuron's whole input, if the model says there is one."""
     return describe(model).neuron_bn.get(neuron_name)
@@ -173,4 +207,4 @@ def fold_ie_lif(model: nn.Module) -> nn.Module:
 
 
 
-__all__ = ["ie_lif_targets", "neuron_channels", "replace_with_ie_lif", "calibrate", "preceding_bn", "fold_ie_lif"]
+__all__ = ["ie_lif_targets", "neuron_channels", "replace_with_ie_lif", "calibrate", "reestimate_batchnorm", "preceding_bn", "fold_ie_lif"]
