@@ -1,0 +1,142 @@
+"""The method on Fashion-MNIST: post-training quantization, QAT, the ablation and the q/k/v
+spike diagnosis, on the bundled ``qsd_tiny_fmnist`` model (data: ``apt-get install
+dataset-fashion-mnist``, or ``--data fashion-mnist:DIR``).
+
+    python benchmarks/fmnist.py ptq       [--bits 8 4 3 2 1]
+    python benchmarks/fmnist.py qat       [--bits 4 3 2 1] [--steps 300]
+    python benchmarks/fmnist.py ablation  [--bits 2 4] [--seeds 0 1 2] [--configs ...] [--steps 300]
+    python benchmarks/fmnist.py diagnosis [--bits 4 2]
+    python benchmarks/fmnist.py table     # markdown tables of everything in --out
+
+Every result is one JSON line appended to ``--out`` (default ``benchmarks/fmnist_results.jsonl``)
+as soon as it is measured, so an interrupted run loses nothing. Validation (5,000 images held out
+of the training set) chooses; test (10,000 images) is what the tables report. QAT budget: the
+same ``--steps`` optimizer steps at batch 64 for every configuration, validated every
+``--val-every`` steps; the kept model is the best on validation (the converted input included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qsdcompress as q  # noqa: E402
+from _qat import ABLATION, one_run, spike_diagnosis  # noqa: E402
+from qsdcompress.loading import bundled_model  # noqa: E402
+from qsdcompress.quant import QuantConfig, convert  # noqa: E402
+
+PTQ_IE_LIF = {"none": dict(ie_lif="none"), "identity": dict(ie_lif="qkv", ie_lif_init="identity"),
+              "rectify": dict(ie_lif="qkv", ie_lif_init="rectify")}
+
+
+def emit(args, row: dict) -> None:
+    row = {"section": args.what, "data": args.data, "threads": args.threads, **row}
+    print(json.dumps(row), flush=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def top1(model, args, split: str) -> float:
+    return q.eval(model, data=args.data, split=split, batch_size=500)["top1"]
+
+
+def ptq(args, fm) -> None:
+    emit(args, {"config": "float", "bits": 32, "val_top1": top1(fm, args, "val"), "top1": top1(fm, args, "test")})
+    for bits in args.bits:
+        for ie, opts in PTQ_IE_LIF.items():
+            for bn in (False, True):
+                t0 = time.process_time()
+                m = convert(fm, QuantConfig(bits=bits, calib_data=args.data, reestimate_bn=bn, **opts))
+                emit(args, {"config": f"ie_lif={ie} bn={'re-estimated' if bn else 'float'}", "bits": bits,
+                            "ie_lif": ie, "reestimate_bn": bn, "val_top1": top1(m, args, "val"),
+                            "top1": top1(m, args, "test"), "convert_cpu_s": round(time.process_time() - t0, 1)})
+
+
+def qat_options(args) -> dict:
+    return dict(steps=args.steps, limit_train_batches=args.val_every, batch_size=64, eval_max_batches=None)
+
+
+def qat(args, fm) -> None:
+    conv, ft = ABLATION["full"]
+    for bits in args.bits:
+        emit(args, {"config": "full", **one_run(fm, args.data, bits, conv, seed=0, **ft, **qat_options(args))})
+
+
+def ablation(args, fm) -> None:
+    for bits in args.bits:
+        for name in args.configs:
+            conv, ft = ABLATION[name]
+            for seed in args.seeds:
+                emit(args, {"config": name, **one_run(fm, args.data, bits, conv, seed=seed, diagnose=True,
+                                                      **ft, **qat_options(args))})
+
+
+def diagnosis(args, fm) -> None:
+    emit(args, {"config": "float", "bits": 32, **spike_diagnosis(fm, args.data)})
+    for bits in args.bits:
+        for ie in ("none", "identity", "rectify"):
+            m = convert(fm, QuantConfig(bits=bits, calib_data=args.data, **PTQ_IE_LIF[ie]))
+            emit(args, {"config": f"ptq ie_lif={ie}", "bits": bits, **spike_diagnosis(m, args.data)})
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def table(args, _fm) -> None:
+    rows = _rows(Path(args.out))
+    ptq_rows = [r for r in rows if r["section"] == "ptq"]
+    if ptq_rows:
+        print("| bits | IE-LIF | BatchNorm | val top-1 | test top-1 |\n|---:|---|---|---:|---:|")
+        for r in ptq_rows:
+            ie, bn = r.get("ie_lif", "-"), {True: "re-estimated", False: "float"}.get(r.get("reestimate_bn"), "-")
+            print(f"| {r['bits']} | {ie} | {bn} | {r['val_top1'] * 100:.2f} | {r['top1'] * 100:.2f} |")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["section"] in ("qat", "ablation"):
+            groups.setdefault((r["section"], r["bits"], r["config"]), []).append(r)
+    if groups:
+        print("\n| section | bits | config | seeds | val top-1 | test top-1 mean | spread (std) | q/k/v entropy "
+              "| CPU s/run |\n|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        for (sec, bits, name), rs in groups.items():
+            tops = [r["top1"] * 100 for r in rs]
+            ent = [r["spikes_after"]["entropy_qkv"] for r in rs if "spikes_after" in r]
+            print(f"| {sec} | W{bits} | {name} | {len(rs)} | {statistics.mean(r['val_top1'] * 100 for r in rs):.2f} "
+                  f"| {statistics.mean(tops):.2f} | {statistics.stdev(tops) if len(tops) > 1 else 0:.2f} "
+                  f"| {statistics.mean(ent) if ent else float('nan'):.3f} "
+                  f"| {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
+    diag = [r for r in rows if r["section"] == "diagnosis"]
+    if diag:
+        print("\n| model | bits | q/k/v entropy (bits, mean) | per block |\n|---|---:|---:|---|")
+        for r in diag:
+            per = ", ".join(f"{k} {v:.2f}" for k, v in r["entropy"].items())
+            print(f"| {r['config']} | {r['bits']} | {r['entropy_qkv']:.3f} | {per} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["ptq", "qat", "ablation", "diagnosis", "table"])
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--bits", type=int, nargs="+", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--configs", nargs="+", default=list(ABLATION), choices=list(ABLATION))
+    ap.add_argument("--steps", type=int, default=300, help="QAT optimizer steps per run (batch 64)")
+    ap.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "fmnist_results.jsonl"))
+    a = ap.parse_args()
+    a.bits = a.bits or {"ptq": [8, 4, 3, 2, 1], "qat": [4, 3, 2, 1], "ablation": [2, 4],
+                        "diagnosis": [4, 2]}.get(a.what, [])
+    torch.set_num_threads(a.threads)
+    fm = None if a.what == "table" else bundled_model(data=a.data)
+    {"ptq": ptq, "qat": qat, "ablation": ablation, "diagnosis": diagnosis, "table": table}[a.what](a, fm)
+
+
+if __name__ == "__main__":
+    main()
