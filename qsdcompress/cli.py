@@ -203,9 +203,10 @@ def _show_convert(r: dict) -> None:
 @click.option("--calib-samples", type=click.IntRange(0), default=256, show_default=True,
               help="Images that calibrate the IE-LIF statistics (0: no calibration).")
 @click.option("--calib-batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--reestimate-bn/--no-reestimate-bn", default=True, show_default=True,
+@click.option("--reestimate-bn/--no-reestimate-bn", default=None,
               help="After quantizing the weights, recompute every BatchNorm's statistics on the calibration "
-                   "images (a standard post-training step, docs/method.md §3).")
+                   "images (a standard post-training step, docs/method.md §3). Default: when some layer has "
+                   "4 bits or fewer (it rescues W3..W1; at W8 the float statistics were slightly better).")
 @click.option("--calib-batches", type=click.IntRange(0), default=None, hidden=True,
               help="Older form of --calib-samples: this many batches of --calib-batch-size.")
 @click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
@@ -219,7 +220,7 @@ def _show_convert(r: dict) -> None:
 @json_option
 def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first_last_bits: str | None,
                 skip: tuple[str, ...], scale_init: str, ie_lif: str, ie_lif_init: str, calib_data: str,
-                calib_samples: int, calib_batch_size: int, reestimate_bn: bool, calib_batches: int | None,
+                calib_samples: int, calib_batch_size: int, reestimate_bn: bool | None, calib_batches: int | None,
                 arch: str | None, output: Path | None, no_eval: bool,
                 keep_float: bool, workdir: Path, as_json: bool) -> None:
     """Low-bit weights + IE-LIF neurons: MODEL (default: the bundled digits model) -> WORKDIR/converted.qsd.

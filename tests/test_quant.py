@@ -464,7 +464,7 @@ def test_convert_reestimates_batchnorm_and_it_rescues_two_bit_ptq():
     val = build_loader("digits", "val", DataConfig.from_model(model), batch_size=300)
     from qsdcompress.metrics import evaluate
 
-    with_bn = convert(model, QuantConfig(bits=2))
+    with_bn = convert(model, QuantConfig(bits=2))  # auto: on at 4 bits and below
     without = convert(model, QuantConfig(bits=2, reestimate_bn=False))
     assert with_bn.qsd_quant_meta["calibration"]["batchnorm_reestimated"] is True
     assert without.qsd_quant_meta["calibration"]["batchnorm_reestimated"] is False
@@ -472,3 +472,15 @@ def test_convert_reestimates_batchnorm_and_it_rescues_two_bit_ptq():
     a = evaluate(with_bn, val)["top1"]
     b = evaluate(without, val)["top1"]
     assert a > b + 0.5, (a, b)
+
+
+@pytest.mark.parametrize("bits,layer_bits,option,expected", [
+    (8, {}, None, False), (4, {}, None, True), (8, {"head": 2}, None, True),
+    (8, {}, True, True), (2, {}, False, False)])
+def test_batchnorm_reestimation_auto_rule(tiny_model, bits, layer_bits, option, expected):
+    randomise(tiny_model, batch=torch.randn(8, 3, 32, 32))
+    calib = [torch.randn(8, 3, 32, 32)]
+    m = convert(tiny_model, QuantConfig(bits=bits, layer_bits=layer_bits, reestimate_bn=option), calib)
+    assert m.qsd_quant_meta["calibration"]["batchnorm_reestimated"] is expected
+    bn, ref = m.downsample2.encode_bn, tiny_model.downsample2.encode_bn
+    assert torch.equal(bn.running_mean, ref.running_mean) is not expected

@@ -18,7 +18,8 @@ from .layers import (attach_lsq_grad_scale, init_step, is_quant_layer, layer_bit
 
 __all__ = [
     "QuantConfig", "quantize_", "convert", "layer_bits", "plan_bits", "restore_quantized", "import_reference_lsq",
-    "fold_ie_lif", "attach_lsq_grad_scale", "calibrate", "reestimate_batchnorm", "init_step", "make_quant_layer", "is_quant_layer",
+    "fold_ie_lif", "attach_lsq_grad_scale", "calibrate", "reestimate_batchnorm", "init_step", "make_quant_layer",
+    "is_quant_layer",
     "quant_bits", "replace_with_ie_lif", "preceding_bn", "parse_bits", "parse_layer_bits", "quant_meta",
     "calib_loader_for", "ie_lif_targets", "neuron_channels", "scale_param", "weight_layers",
     "SCALE_INITS", "IE_LIF_MODES", "IE_LIF_INITS", "FLOAT_BITS", "REFERENCE_LSQ_BITS",

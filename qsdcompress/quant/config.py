@@ -13,6 +13,7 @@ IE_LIF_MODES = ("qkv", "attention", "all", "none")
 IE_LIF_INITS = ("identity", "rectify")
 FLOAT_BITS = 32
 REFERENCE_LSQ_BITS = 4  # reference QSD-Transformer: Qn = -8, Qp = 7
+REESTIMATE_BN_BITS = 4  # auto BatchNorm re-estimation below this width and at it (measured, docs/method.md §3)
 
 
 def parse_bits(value: Any, what: str = "--bits") -> int:
@@ -61,7 +62,9 @@ class QuantConfig:
     calib_samples: int | None = None    # calibration images; None: calib_batches x calib_batch_size (256)
     calib_batches: int = 8
     calib_batch_size: int = 32
-    reestimate_bn: bool = True  # recompute BatchNorm statistics on the calibration images after quantizing
+    # recompute BatchNorm statistics on the calibration images after quantizing; None (auto): when
+    # some layer has REESTIMATE_BN_BITS bits or fewer (docs/method.md §3)
+    reestimate_bn: bool | None = None
     mse_grid: int = 16          # coarse candidates of the mse search (then as many refined ones)
 
     def validate(self) -> "QuantConfig":
@@ -104,4 +107,4 @@ class QuantConfig:
 
 
 __all__ = ["QuantConfig", "parse_bits", "parse_layer_bits", "SCALE_INITS", "IE_LIF_MODES", "IE_LIF_INITS",
-           "FLOAT_BITS", "REFERENCE_LSQ_BITS"]
+           "FLOAT_BITS", "REFERENCE_LSQ_BITS", "REESTIMATE_BN_BITS"]

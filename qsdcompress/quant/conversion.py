@@ -13,8 +13,8 @@ from ..data import DataConfig, build_loader
 from ..errors import QsdError
 from ..io import load_state_dict_checked, strip_quant_extras
 from ..neurons import IELIF, AffineMultiSpike, iter_neurons
-from .config import FLOAT_BITS, REFERENCE_LSQ_BITS, QuantConfig
-from .ielif import calibrate, ie_lif_targets, reestimate_batchnorm, neuron_channels, replace_with_ie_lif
+from .config import FLOAT_BITS, REESTIMATE_BN_BITS, REFERENCE_LSQ_BITS, QuantConfig
+from .ielif import calibrate, ie_lif_targets, neuron_channels, reestimate_batchnorm, replace_with_ie_lif
 from .layers import layer_bits, quantize_, weight_layers
 
 def _neuron_meta(model: nn.Module) -> dict:
@@ -143,12 +143,14 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
         example = batches[0][:1] if batches else torch.zeros(1, *_input_size(m), dtype=ref.dtype)
         channels = neuron_channels(m, targets, example.to(device=ref.device, dtype=ref.dtype))
     quantize_(m, config)
+    reestimate = config.reestimate_bn if config.reestimate_bn is not None else \
+        min(layer_bits(m).values(), default=FLOAT_BITS) <= REESTIMATE_BN_BITS
     if targets:
         replace_with_ie_lif(m, channels, config.ie_lif_init, config.ie_lif_momentum, config.ie_lif_eps)
     if batches:
         ref = next(m.parameters())
         batches = [b.to(device=ref.device, dtype=ref.dtype) for b in batches]
-        if config.reestimate_bn:
+        if reestimate:
             reestimate_batchnorm(m, batches)
         calibrate(m, batches, identity=config.ie_lif_init == "identity")
     m.train(was_training)
@@ -156,7 +158,7 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
     m.qsd_quant_meta = quant_meta(m, config, source)
     m.qsd_quant_meta["calibration"] = {"data": calib_from if batches else None,
                                        "samples": sum(len(b) for b in batches),
-                                       "batchnorm_reestimated": bool(batches) and config.reestimate_bn}
+                                       "batchnorm_reestimated": bool(batches) and reestimate}
     return m
 
 

@@ -207,4 +207,5 @@ def fold_ie_lif(model: nn.Module) -> nn.Module:
 
 
 
-__all__ = ["ie_lif_targets", "neuron_channels", "replace_with_ie_lif", "calibrate", "reestimate_batchnorm", "preceding_bn", "fold_ie_lif"]
+__all__ = ["ie_lif_targets", "neuron_channels", "replace_with_ie_lif", "calibrate", "reestimate_batchnorm",
+           "preceding_bn", "fold_ie_lif"]
