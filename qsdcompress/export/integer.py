@@ -511,6 +511,7 @@ class _Peephole:
         from onnx import numpy_helper
 
         self.g.initializer.append(numpy_helper.from_array(arr.astype(np.float32), name))
+        self.inits[name] = self.g.initializer[-1]
         return name
 
 
@@ -554,7 +555,7 @@ def fold_into_matmul(proto) -> int:
     pp = _Peephole(proto)
     arr = lambda name: numpy_helper.to_array(pp.inits[name]).astype(np.float32)  # noqa: E731
     drop, done = set(), 0
-    for n in pp.g.node:
+    for k, n in enumerate(pp.g.node):
         if n.op_type not in ("Mul", "Add") or len(n.input) != 2:
             continue
         y, c = (n.input[0], n.input[1]) if pp.scalar(n.input[1]) is not None else (n.input[1], n.input[0])
@@ -579,12 +580,16 @@ def fold_into_matmul(proto) -> int:
         mm.input[:] = inputs
         last = views[0] if views else mm   # scalar ops commute with layout ops: bypass ``n``
         last.output[0], pp.producer[n.output[0]] = n.output[0], last
-        drop.add(id(n))
+        drop.add(k)
         done += 1
-    kept = [n for n in pp.g.node if id(n) not in drop]
-    del pp.g.node[:]
-    pp.g.node.extend(kept)
+    _remove_nodes(pp.g, drop)
     return done
+
+
+def _remove_nodes(g, positions: set[int]) -> None:
+    kept = [n for k, n in enumerate(g.node) if k not in positions]
+    del g.node[:]
+    g.node.extend(kept)
 
 
 def fold_into_conv(proto) -> int:
@@ -594,6 +599,7 @@ def fold_into_conv(proto) -> int:
     from onnx import numpy_helper
 
     pp = _Peephole(proto)
+    position = {o: k for k, n in enumerate(pp.g.node) for o in n.output}
     drop, done = set(), 0
     for conv in pp.g.node:
         if conv.op_type != "Conv" or len(conv.input) < 2:
@@ -611,11 +617,9 @@ def fold_into_conv(proto) -> int:
         scale = numpy_helper.to_array(pp.inits[wmul.input[1]]).astype(np.float32) * pp.scalar(c)
         wmul.input[1] = pp.add_init(scale, f"{conv.input[1]}_scaled{done}")
         (views[-1] if views else conv).input[0] = src
-        drop.add(id(mul))
+        drop.add(position[mul.output[0]])
         done += 1
-    kept = [n for n in pp.g.node if id(n) not in drop]
-    del pp.g.node[:]
-    pp.g.node.extend(kept)
+    _remove_nodes(pp.g, drop)
     return done
 
 
