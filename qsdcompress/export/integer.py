@@ -135,6 +135,7 @@ class _Rewriter:
         self.done: dict[str, str] = {}        # parameter name -> how it runs
         self.skipped: dict[str, str] = {}     # parameter name -> why it stays float
         self.products = 0
+        self.gemms = 0                        # MatMulIntegerToFloat nodes (q/k/v share one)
         self.counts: dict[str, int] = {}      # stored integer weights per storage type
         self._n = 0
 
@@ -175,27 +176,76 @@ class _Rewriter:
         return output
 
     # -- integer kernels -----------------------------------------------------------------------
-    def int_weight(self, ints: np.ndarray, qw: QWeight) -> str:
-        """The (K, Cout) integers as a packed initializer, widened to int8 at load by Cast."""
+    def int_weight(self, ints: np.ndarray, bits: int, layers: int = 1) -> str:
+        """The (K, Cout) integers of ``layers`` layers as one packed initializer, widened to int8
+        at load by Cast."""
         from onnx import TensorProto
 
-        sbits = storage_bits(qw.bits, self.int2)
+        sbits = storage_bits(bits, self.int2)
         name = self.name("w")
         t = packed_tensor(name, ints, sbits)
         self.new_inits.append(t)
         key = TensorProto.DataType.Name(t.data_type)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[key] = self.counts.get(key, 0) + layers
         if sbits == 8:
             return name
         return self.node("Cast", [name], "w8", to=3)  # TensorProto.INT8
 
     def int_matmul(self, a: str, ints: np.ndarray, a_scale: float, qw: QWeight, bias: str, out: str) -> str:
         """``(a_u8 @ ints) * a_scale * scale[col] + bias`` by MatMulIntegerToFloat."""
-        b = self.int_weight(ints, qw)
+        return self.emit_matmul(a, self.int_weight(ints, qw.bits), a_scale, qw.scale.float().numpy(), bias, out)
+
+    def emit_matmul(self, a: str, b: str, a_scale: float, scale: np.ndarray, bias: str, out: str) -> str:
+        self.gemms += 1
         sa = self.init(np.array(a_scale, np.float32), "as")
-        sb = self.init(qw.scale.float().numpy(), "bs")
+        sb = self.init(scale.astype(np.float32), "bs")
         inputs = [a, b, sa, sb, "", ""] + ([bias] if bias else [])
         return self.emit("MatMulIntegerToFloat", inputs, out, domain=MS_DOMAIN)
+
+    def pointwise_siblings(self, n) -> list:
+        """The 1x1 convs reading the same spikes as ``n`` (the q, k and v projections read the
+        head neuron's spikes), when they can share one GEMM: same storage width, no windows."""
+        sibs = self.readers_of.get(n.input[0], [])
+        qws = [self.registry.get(self.weight_of.get(s.input[1], "")) for s in sibs]
+        if len(sibs) < 2 or any(q is None or q.ints is None for q in qws):
+            return []
+        if any(len(s.input) > 2 and s.input[2] and s.input[2] not in self.inits for s in sibs):
+            return []
+        if any(int(np.prod(q.ints.shape[2:])) != 1 or _attr(s, "group", 1) != 1 or any(_attr(s, "pads", []))
+               or any(v != 1 for v in _attr(s, "strides", [])) for s, q in zip(sibs, qws)):
+            return []
+        if len({storage_bits(q.bits, self.int2) for q in qws}) != 1 or len({q.ints.shape[1] for q in qws}) != 1:
+            return []
+        return sibs
+
+    def fused_pointwise(self, sibs: list, t: str, c: float, nd: int) -> str:
+        """One GEMM for 1x1 convs reading the same spikes ``t`` (channels-last): weights, scales
+        and biases concatenated along the output channels, the result split back (§7)."""
+        from onnx import numpy_helper
+
+        qws = [self.registry[self.weight_of[s.input[1]]] for s in sibs]
+        mats = [q.ints.reshape(q.ints.shape[0], -1).t().numpy() for q in qws]
+        couts = [m.shape[1] for m in mats]
+        biases = [numpy_helper.to_array(self.inits[s.input[2]]).reshape(-1) if len(s.input) > 2 and s.input[2]
+                  in self.inits else np.zeros(co, np.float32) for s, co in zip(sibs, couts)]
+        b = self.int_weight(np.concatenate(mats, axis=1), qws[0].bits, layers=len(sibs))
+        has_bias = any(len(s.input) > 2 and s.input[2] for s in sibs)
+        bias = self.init(np.concatenate(biases).astype(np.float32), "bias") if has_bias else ""
+        scale = np.concatenate([q.scale.float().numpy().reshape(-1) for q in qws])
+        y = self.emit_matmul(t, b, c, scale, bias, self.name("y"))
+        from onnx import helper
+
+        split = self.init(np.array(couts, np.int64), "split")
+        outs = [self.name("y") for _ in sibs]
+        self.nodes.append(helper.make_node("Split", [y, split], outs, axis=-1))
+        for s, q, o in zip(sibs, qws, outs):
+            self.emit("Transpose", [o], s.output[0], perm=[0, nd + 1, *range(1, nd + 1)])
+            spatial = (self.shapes.get(s.output[0]) or [None])[2:]
+            if len(spatial) == nd and None not in spatial:
+                self.cl[s.output[0]] = (o, int(q.ints.shape[0]), tuple(spatial))
+            self.done[self.weight_of[s.input[1]]] = f"conv {'x'.join(['1'] * nd)} (one GEMM for {len(sibs)})"
+            self.fused.add(s.output[0])
+        return y
 
     def im2col(self, t: str, spatial: list[int], k: tuple[int, ...], pads: list[int], strides: list[int],
                channels: int) -> str:
@@ -265,7 +315,13 @@ class _Rewriter:
                 windows and (len(spatial) != nd or None in spatial)):
             self.skipped[pname] = "dilated conv or unknown input size"
             return False
+        if n.output[0] in self.fused:
+            return True
         t = self.spikes_channels_last(u, int(ints.shape[1]), spatial)
+        sibs = [] if windows else self.pointwise_siblings(n)
+        if sibs:
+            self.fused_pointwise(sibs, t, c, nd)
+            return True
         if windows:
             t = self.im2col(t, spatial, k, pads, strides, int(ints.shape[1]))
         b = ints.permute(*range(2, nd + 2), 1, 0).reshape(-1, ints.shape[0]).numpy()
@@ -399,6 +455,11 @@ class _Rewriter:
 
     def run(self) -> None:
         self.u8: set[str] = set()
+        self.fused: set[str] = set()
+        self.readers_of: dict[str, list] = {}
+        for n in self.g.node:
+            if n.op_type == "Conv" and n.input[1] in self.weight_of:
+                self.readers_of.setdefault(n.input[0], []).append(n)
         for n in list(self.g.node):
             if not self.follow(n):
                 self.nodes.append(n)
@@ -423,7 +484,8 @@ def rewrite_integer(proto, registry: dict[str, QWeight], int2: bool) -> dict:
     reasons: dict[str, int] = {}
     for why in float_layers.values():
         reasons[why] = reasons.get(why, 0) + 1
-    return {"integer_layers": len(rw.done), "weight_layers": len(registry), "integer_products": rw.products,
+    return {"integer_layers": len(rw.done), "integer_gemms": rw.gemms, "weight_layers": len(registry),
+            "integer_products": rw.products,
             "integer_kinds": kinds, "float_layer_reasons": reasons, "initializers": rw.counts,
             "remaining": {p: qw for p, qw in registry.items() if p not in rw.done}}
 
