@@ -64,17 +64,31 @@ def test_parity_matrix(bits, D, ie_lif, fmt, tmp_path):
     if fmt == "qdq":
         assert ops[(MS_DOMAIN, "MatMulIntegerToFloat")] == 0 and ops[("", "MatMulInteger")] == 0
         return
-    # every spike-fed dense layer is one integer GEMM; the two attention products are integer
-    assert ops[(MS_DOMAIN, "MatMulIntegerToFloat")] == r["integer_layers"] >= 10
+    # every spike-fed dense layer is an integer GEMM, the q/k/v projections of the attention block
+    # one GEMM together; the two attention products are integer
+    assert ops[(MS_DOMAIN, "MatMulIntegerToFloat")] == r["integer_gemms"] == r["integer_layers"] - 2
+    assert r["integer_layers"] >= 10
     assert ops[("", "MatMulInteger")] == 1 and r["integer_products"] == 2
     assert r["weight_layers"] == sum(r["initializers"].values())
-    # neurons stay Floor(Clip(...)) (half up), then uint8: never a half-to-even requantization
-    assert ops[("", "Floor")] == ops[("", "Cast")] - _casts_not_to_uint8(out) and ops[("", "QLinearConv")] == 0
+    # every spike count is Cast(Clip(D*x + 0.5, 0, D), UINT8): truncation of a value >= 0 is
+    # floor, so rounding stays half up; never a half-to-even requantization
+    assert _uint8_casts_after_clip_from_zero(out) and ops[("", "QLinearConv")] == 0
+    assert ops[("", "QuantizeLinear")] == 0
 
 
-def _casts_not_to_uint8(path) -> int:
-    return sum(1 for n in onnx.load(str(path)).graph.node if n.op_type == "Cast"
-               and next(a.i for a in n.attribute if a.name == "to") != TensorProto.UINT8)
+def _uint8_casts_after_clip_from_zero(path) -> int:
+    """The number of Cast-to-uint8 nodes; asserts each reads a Clip whose lower bound is 0."""
+    proto = onnx.load(str(path))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    inits.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+                  if n.op_type == "Constant"})
+    casts = [n for n in proto.graph.node if n.op_type == "Cast"
+             and next(a.i for a in n.attribute if a.name == "to") == TensorProto.UINT8]
+    for n in casts:
+        clip = producer[n.input[0]]
+        assert clip.op_type == "Clip" and float(inits[clip.input[1]]) == 0.0
+    return len(casts)
 
 
 @pytest.mark.parametrize("bits,stored,opset", [(4, "INT4", 21), (2, "INT2", 25), (8, "INT8", 21)])
@@ -85,7 +99,8 @@ def test_int_file_stores_packed_weights_widened_by_cast(bits, stored, opset, tmp
     proto = onnx.load(str(out))
     inits = {t.name: t for t in proto.graph.initializer}
     assert r["opset"] == opset and r["initializers"] == {stored: r["weight_layers"]}
-    assert _inits(out)[stored] == r["weight_layers"]
+    # one packed initializer per layer, except q/k/v of the attention block: one for the three
+    assert _inits(out)[stored] == r["weight_layers"] - 2
     mmitf = [n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat"]
     producers = {o: n for n in proto.graph.node for o in n.output}
     for n in mmitf:

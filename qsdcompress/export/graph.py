@@ -112,82 +112,160 @@ _FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Cast", "Resha
              "ConstantOfShape", "Expand", "Range", "Mul", "Div", "Add", "Sub", "Floor", "Identity", "Shape"}
 
 
-def _fold_shape_arithmetic(proto) -> None:
-    """Fold the shape arithmetic the tracer writes for ``reshape(T, B, -1, H, W)``: with only the
-    batch dimension dynamic, every other dimension is known, so the Shape -> Gather -> Unsqueeze
-    chains that compute it become constants. Only integer (shape) values are folded; float
-    arithmetic stays in the graph so onnxruntime computes it exactly as before."""
-    from onnx import TensorProto, helper, numpy_helper, shape_inference
-    from onnx.reference import ReferenceEvaluator
+def _partial_value(n, partial: dict[str, np.ndarray], consts: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Shape arithmetic on values with unknown (batch) entries, kept as object arrays with None:
+    Gather, Slice, Unsqueeze, Squeeze and Concat of shapes, the ops the tracer writes around a
+    ``reshape``; None when ``n`` is anything else."""
+    def val(name: str) -> np.ndarray | None:
+        return partial.get(name, consts.get(name))
 
-    g = proto.graph
-    try:
-        inferred = shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:
-        return
+    ins = [val(i) if i else None for i in n.input]
+    if ins[0] is None or any(v is None for v, i in zip(ins, n.input) if i):
+        return None
+    x = np.asarray(ins[0], dtype=object)
+    if n.op_type == "Gather" and _attr_int(n, "axis") == 0:
+        return np.asarray(x[np.asarray(ins[1], np.int64)], dtype=object)
+    if n.op_type == "Slice" and x.ndim == 1 and all(v.size == 1 for v in ins[1:]):
+        st, en = int(ins[1].reshape(-1)[0]), int(ins[2].reshape(-1)[0])
+        step = int(ins[4].reshape(-1)[0]) if len(ins) > 4 else 1
+        return x[st:en:step] if len(ins) < 4 or int(ins[3].reshape(-1)[0]) == 0 else None
+    if n.op_type == "Unsqueeze" and x.ndim == 0:
+        return x.reshape(1)
+    if n.op_type == "Squeeze" and x.size == 1:
+        return x.reshape(())
+    if n.op_type == "Concat" and _attr_int(n, "axis") == 0:
+        return np.concatenate([np.asarray(v, dtype=object).reshape(-1) for v in ins])
+    return None
+
+
+def _attr_int(n, name: str, default: int = 0) -> int:
+    for a in n.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+def _inferred_shapes(proto) -> dict[str, list[int | None]]:
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(proto, data_prop=True)
     shapes: dict[str, list[int | None]] = {}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         tt = vi.type.tensor_type
         if tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    consts: dict[str, np.ndarray] = {}
-    for t in g.initializer:
-        if t.data_type in (TensorProto.INT64, TensorProto.INT32) and int(np.prod(t.dims)) <= 64:
-            consts[t.name] = numpy_helper.to_array(t)
-    partial: dict[str, list[int | None]] = {}
-    kept = []
-    evaluators: dict[bytes, Any] = {}
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                               for d in tt.shape.dim]
+    return shapes
 
-    def run(n) -> list[np.ndarray] | None:
+
+def static_shapes(proto) -> dict[str, list[int | None]]:
+    """Every tensor's shape with None for the dimensions that follow the batch: onnx's shape
+    inference run at batch 1 and at batch 2 (with a symbolic batch it loses track of a dimension
+    behind a ``reshape(T, B, -1, ...)``); a dimension is known where both runs agree."""
+    runs = []
+    for batch in (1, 2):
+        p = type(proto)()
+        p.CopyFrom(proto)
+        for vi in p.graph.input:
+            dims = vi.type.tensor_type.shape.dim
+            if dims and not dims[0].HasField("dim_value"):
+                dims[0].dim_value = batch
+        for vi in p.graph.output:
+            vi.type.tensor_type.ClearField("shape")
+        runs.append(_inferred_shapes(p))
+    return {k: [a if a == b else None for a, b in zip(v, runs[1][k])]
+            for k, v in runs[0].items() if k in runs[1] and len(v) == len(runs[1][k])}
+
+
+class _ShapeFolder:
+    """Integer shape values of one graph: constants, and shapes with unknown (batch) entries."""
+
+    def __init__(self, proto):
+        from onnx import TensorProto, numpy_helper
+
+        self.proto = proto
+        self.shapes = static_shapes(proto)
+        self.consts: dict[str, np.ndarray] = {}
+        for t in proto.graph.initializer:
+            if t.data_type in (TensorProto.INT64, TensorProto.INT32) and int(np.prod(t.dims)) <= 64:
+                self.consts[t.name] = numpy_helper.to_array(t)
+        self.partial: dict[str, np.ndarray] = {}
+        self.evaluators: dict[bytes, Any] = {}
+
+    def run(self, n) -> list[np.ndarray] | None:
+        """``n`` on constant integer inputs (onnx's reference evaluator); None for float results."""
+        from onnx import TensorProto, helper
+        from onnx.reference import ReferenceEvaluator
+
+        consts = self.consts
         ins = [consts[i] for i in n.input if i]
         if any(a.dtype.kind == "f" for a in ins) and n.op_type not in ("Shape", "ConstantOfShape"):
             return None
         key = n.SerializeToString()
-        if key not in evaluators:
+        if key not in self.evaluators:
             vis = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype), None)
                    for i in n.input if i]
             outs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in n.output]
-            gm = helper.make_graph([n], "f", vis, outs)
-            mm = helper.make_model(gm, opset_imports=list(proto.opset_import))
-            mm.ir_version = proto.ir_version
-            evaluators[key] = ReferenceEvaluator(mm)
-        res = evaluators[key].run(None, {i: consts[i] for i in n.input if i})
+            mm = helper.make_model(helper.make_graph([n], "f", vis, outs), opset_imports=list(self.proto.opset_import))
+            mm.ir_version = self.proto.ir_version
+            self.evaluators[key] = ReferenceEvaluator(mm)
+        res = self.evaluators[key].run(None, {i: consts[i] for i in n.input if i})
         if any(np.asarray(r).size > 64 or np.asarray(r).dtype.kind == "f" for r in res):
             return None
         return [np.asarray(r) for r in res]
 
-    for n in g.node:
+    def fold(self, n) -> bool:
+        """Record ``n``'s integer outputs; True when ``n`` became a constant (drop it)."""
+        from onnx import numpy_helper
+
+        consts, partial = self.consts, self.partial
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            val = numpy_helper.to_array(n.attribute[0].t)
-            if val.dtype.kind in "iu" and val.size <= 64:
-                consts[n.output[0]] = val
-                continue
-        if n.op_type == "Shape" and n.input[0] in shapes:
-            dims = shapes[n.input[0]]
-            attrs = {a.name: a.i for a in n.attribute}
-            dims = dims[attrs.get("start", 0): attrs["end"] if "end" in attrs else None]
-            if all(d is not None for d in dims):
-                consts[n.output[0]] = np.array(dims, np.int64)
-                continue
-            partial[n.output[0]] = dims
-        elif n.op_type == "Gather" and n.input[0] in partial and n.input[1] in consts:
-            idx = consts[n.input[1]]
-            picked = np.array(partial[n.input[0]], dtype=object)[idx]
-            if all(v is not None for v in np.atleast_1d(picked)):
-                consts[n.output[0]] = np.array(picked, dtype=np.int64)
-                continue
+            v = numpy_helper.to_array(n.attribute[0].t)
+            if v.dtype.kind in "iu" and v.size <= 64:
+                consts[n.output[0]] = v
+                return True
+        if n.op_type == "Shape" and n.input[0] in self.shapes:
+            dims = np.array(self.shapes[n.input[0]], dtype=object)
+            partial[n.output[0]] = dims[_attr_int(n, "start", 0): _attr_int(n, "end", len(dims))]
+        elif n.op_type != "Reshape" and any(i in partial for i in n.input):
+            v = _partial_value(n, partial, consts)
+            if v is not None:
+                partial[n.output[0]] = v
         elif n.op_type in _FOLDABLE and n.op_type != "Shape" and all((not i) or i in consts for i in n.input):
-            out = run(n)
+            out = self.run(n)
             if out is not None:
-                for o, v in zip(n.output, out):
-                    consts[o] = v
-                continue
-        kept.append(n)
+                consts.update(zip(n.output, out))
+                return True
+        if n.output and n.output[0] in partial and all(v is not None for v in partial[n.output[0]].reshape(-1)):
+            consts[n.output[0]] = partial.pop(n.output[0]).astype(np.int64)
+            return True
+        out = self.shapes.get(n.output[0]) if n.op_type == "Reshape" and n.input[1] not in consts else None
+        if out and sum(d is None for d in out) == 1 and _attr_int(n, "allowzero") == 0:
+            # the output's one unknown dimension (the batch) becomes -1: no Shape computation at run time
+            n.input[1] = "shape_" + "_".join(str(d or -1) for d in out)
+            consts[n.input[1]] = np.array([d or -1 for d in out], np.int64)
+        return False
+
+
+def _fold_shape_arithmetic(proto) -> None:
+    """Fold the shape arithmetic the tracer writes for ``reshape(T, B, -1, H, W)``: with only the
+    batch dimension dynamic, every other dimension is known, so the Shape -> Gather -> Unsqueeze
+    chains that compute it become constants, and a reshape target whose one unknown entry is the
+    batch gets -1 there. Only integer (shape) values are folded; float arithmetic stays in the
+    graph so onnxruntime computes it exactly as before."""
+    from onnx import numpy_helper
+
+    g = proto.graph
+    try:
+        folder = _ShapeFolder(proto)
+    except Exception:
+        return
+    kept = [n for n in g.node if not folder.fold(n)]
     used = {i for n in kept for i in n.input} | {o.name for o in g.output}
     have = {t.name for t in g.initializer}
     for name in sorted(used - have):
-        if name in consts:
-            g.initializer.append(numpy_helper.from_array(np.asarray(consts[name]), name))
+        if name in folder.consts:
+            g.initializer.append(numpy_helper.from_array(np.asarray(folder.consts[name]), name))
     del g.node[:]
     g.node.extend(kept)
     _drop_dead(proto)

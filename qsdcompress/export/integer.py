@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..neurons import AffineMultiSpike, Neuron
 from .folding import ExportNeuron, QWeight, export_module
-from .graph import packed_tensor, storage_bits
+from .graph import _compact, _dedupe, _drop_dead, packed_tensor, static_shapes, storage_bits
 
 MS_DOMAIN = "com.microsoft"
 # A k x k (or strided) conv gathers its windows first (im2col): k*k bytes per input element written
@@ -41,6 +41,9 @@ MS_DOMAIN = "com.microsoft"
 # 96 -> 24 channel 3x3 conv at 112x112 was no faster as integers; convs with >= 48 output
 # channels were, so narrower ones stay float.
 MIN_WINDOW_COUT = 32
+# im2col by one Gather copies C bytes per index: faster than Slice+Concat for wide inputs, slower
+# for narrow ones (qsd_8_256, 2 threads: 24 channels at 112x112 4x slower at batch 1).
+GATHER_MIN_CHANNELS = 48
 _SHAPE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
@@ -107,7 +110,7 @@ class _Rewriter:
     emitted in place of the float ones they replace."""
 
     def __init__(self, proto, registry: dict[str, QWeight], int2: bool):
-        from onnx import numpy_helper, shape_inference
+        from onnx import numpy_helper
 
         self.g = proto.graph
         self.int2 = int2
@@ -123,17 +126,16 @@ class _Rewriter:
             if t.data_type == 1 and t.raw_data in by_bytes:
                 self.weight_of[t.name] = by_bytes[t.raw_data]
         self.registry = registry
-        inferred = shape_inference.infer_shapes(proto, data_prop=True)
-        self.shapes = {}
-        for vi in [*inferred.graph.value_info, *inferred.graph.input]:
-            tt = vi.type.tensor_type
-            self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        self.shapes = static_shapes(proto)
         self.alt: dict[str, tuple[str, float, str]] = {}  # float tensor -> (integer tensor, scale, u8|i32)
+        # tensor (lead..., C, *spatial) -> its channels-last twin (prod(lead), *spatial, C), C, spatial
+        self.cl: dict[str, tuple[str, int, tuple[int, ...]]] = {}
         self.nodes: list = []
         self.new_inits: list = []
         self.done: dict[str, str] = {}        # parameter name -> how it runs
         self.skipped: dict[str, str] = {}     # parameter name -> why it stays float
         self.products = 0
+        self.gemms = 0                        # MatMulIntegerToFloat nodes (q/k/v share one)
         self.counts: dict[str, int] = {}      # stored integer weights per storage type
         self._n = 0
 
@@ -174,37 +176,91 @@ class _Rewriter:
         return output
 
     # -- integer kernels -----------------------------------------------------------------------
-    def int_weight(self, ints: np.ndarray, qw: QWeight) -> str:
-        """The (K, Cout) integers as a packed initializer, widened to int8 at load by Cast."""
+    def int_weight(self, ints: np.ndarray, bits: int, layers: int = 1) -> str:
+        """The (K, Cout) integers of ``layers`` layers as one packed initializer, widened to int8
+        at load by Cast."""
         from onnx import TensorProto
 
-        sbits = storage_bits(qw.bits, self.int2)
+        sbits = storage_bits(bits, self.int2)
         name = self.name("w")
         t = packed_tensor(name, ints, sbits)
         self.new_inits.append(t)
         key = TensorProto.DataType.Name(t.data_type)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[key] = self.counts.get(key, 0) + layers
         if sbits == 8:
             return name
         return self.node("Cast", [name], "w8", to=3)  # TensorProto.INT8
 
     def int_matmul(self, a: str, ints: np.ndarray, a_scale: float, qw: QWeight, bias: str, out: str) -> str:
         """``(a_u8 @ ints) * a_scale * scale[col] + bias`` by MatMulIntegerToFloat."""
-        b = self.int_weight(ints, qw)
+        return self.emit_matmul(a, self.int_weight(ints, qw.bits), a_scale, qw.scale.float().numpy(), bias, out)
+
+    def emit_matmul(self, a: str, b: str, a_scale: float, scale: np.ndarray, bias: str, out: str) -> str:
+        self.gemms += 1
         sa = self.init(np.array(a_scale, np.float32), "as")
-        sb = self.init(qw.scale.float().numpy(), "bs")
+        sb = self.init(scale.astype(np.float32), "bs")
         inputs = [a, b, sa, sb, "", ""] + ([bias] if bias else [])
         return self.emit("MatMulIntegerToFloat", inputs, out, domain=MS_DOMAIN)
 
-    def im2col(self, t: str, spatial: list[int], k: tuple[int, ...], pads: list[int], strides: list[int]) -> str:
+    def pointwise_siblings(self, n) -> list:
+        """The 1x1 convs reading the same spikes as ``n`` (the q, k and v projections read the
+        head neuron's spikes), when they can share one GEMM: same storage width, no windows."""
+        sibs = self.readers_of.get(n.input[0], [])
+        qws = [self.registry.get(self.weight_of.get(s.input[1], "")) for s in sibs]
+        if len(sibs) < 2 or any(q is None or q.ints is None for q in qws):
+            return []
+        if any(len(s.input) > 2 and s.input[2] and s.input[2] not in self.inits for s in sibs):
+            return []
+        if any(int(np.prod(q.ints.shape[2:])) != 1 or _attr(s, "group", 1) != 1 or any(_attr(s, "pads", []))
+               or any(v != 1 for v in _attr(s, "strides", [])) for s, q in zip(sibs, qws)):
+            return []
+        if len({storage_bits(q.bits, self.int2) for q in qws}) != 1 or len({q.ints.shape[1] for q in qws}) != 1:
+            return []
+        return sibs
+
+    def fused_pointwise(self, sibs: list, t: str, c: float, nd: int) -> str:
+        """One GEMM for 1x1 convs reading the same spikes ``t`` (channels-last): weights, scales
+        and biases concatenated along the output channels, the result split back (§7)."""
+        from onnx import numpy_helper
+
+        qws = [self.registry[self.weight_of[s.input[1]]] for s in sibs]
+        mats = [q.ints.reshape(q.ints.shape[0], -1).t().numpy() for q in qws]
+        couts = [m.shape[1] for m in mats]
+        biases = [numpy_helper.to_array(self.inits[s.input[2]]).reshape(-1) if len(s.input) > 2 and s.input[2]
+                  in self.inits else np.zeros(co, np.float32) for s, co in zip(sibs, couts)]
+        b = self.int_weight(np.concatenate(mats, axis=1), qws[0].bits, layers=len(sibs))
+        has_bias = any(len(s.input) > 2 and s.input[2] for s in sibs)
+        bias = self.init(np.concatenate(biases).astype(np.float32), "bias") if has_bias else ""
+        scale = np.concatenate([q.scale.float().numpy().reshape(-1) for q in qws])
+        y = self.emit_matmul(t, b, c, scale, bias, self.name("y"))
+        from onnx import helper
+
+        split = self.init(np.array(couts, np.int64), "split")
+        outs = [self.name("y") for _ in sibs]
+        self.nodes.append(helper.make_node("Split", [y, split], outs, axis=-1))
+        for s, q, o in zip(sibs, qws, outs):
+            self.emit("Transpose", [o], s.output[0], perm=[0, nd + 1, *range(1, nd + 1)])
+            spatial = (self.shapes.get(s.output[0]) or [None])[2:]
+            if len(spatial) == nd and None not in spatial:
+                self.cl[s.output[0]] = (o, int(q.ints.shape[0]), tuple(spatial))
+            self.done[self.weight_of[s.input[1]]] = f"conv {'x'.join(['1'] * nd)} (one GEMM for {len(sibs)})"
+            self.fused.add(s.output[0])
+        return y
+
+    def im2col(self, t: str, spatial: list[int], k: tuple[int, ...], pads: list[int], strides: list[int],
+               channels: int) -> str:
         """Channels-last uint8 ``t`` -> (N, *out, prod(k) * C): the k-window of every output
-        position, kernel offsets outer and channels inner (zero padding)."""
+        position, kernel offsets outer and channels inner (zero padding). Wide inputs gather the
+        windows in one ``Gather`` (indices computed from small constants, folded at load); narrow
+        ones, where a Gather copies too little per index, slice each offset and concatenate."""
         nd = len(k)
         begin, end = pads[:nd], pads[nd:]
         outs = [(spatial[d] + begin[d] + end[d] - k[d]) // strides[d] + 1 for d in range(nd)]
         if any(pads):
             p = self.init(np.array([0, *begin, 0, 0, *end, 0], np.int64), "pads")
             t = self.node("Pad", [t, p], "pad")
+        if nd == 2 and channels >= GATHER_MIN_CHANNELS:
+            return self.gather_windows(t, [spatial[d] + begin[d] + end[d] for d in range(2)], outs, k, strides, channels)
         axes = self.init(np.arange(1, nd + 1, dtype=np.int64), "axes")
         steps = self.init(np.array(strides, np.int64), "steps")
         cols = []
@@ -213,6 +269,28 @@ class _Rewriter:
             en = self.init(np.array([off[d] + strides[d] * (outs[d] - 1) + 1 for d in range(nd)], np.int64), "en")
             cols.append(self.node("Slice", [t, st, en, axes, steps], "win"))
         return cols[0] if len(cols) == 1 else self.node("Concat", cols, "col", axis=-1)
+
+    def gather_windows(self, t: str, padded: list[int], outs: list[int], k: tuple[int, ...], strides: list[int],
+                       channels: int) -> str:
+        """im2col of a padded (N, H, W, C) tensor as one Gather over its H*W positions."""
+        wp = padded[1]
+        rows = self.init((np.arange(outs[0]) * strides[0] * wp).reshape(-1, 1, 1).astype(np.int64), "rows")
+        cols = self.init((np.arange(outs[1]) * strides[1]).reshape(1, -1, 1).astype(np.int64), "cols")
+        offs = np.array([a * wp + b for a in range(k[0]) for b in range(k[1])], np.int64).reshape(1, 1, -1)
+        idx = self.node("Add", [self.node("Add", [rows, cols], "idx"), self.init(offs, "offs")], "idx")
+        flat = self.node("Reshape", [t, self.init(np.array([-1, padded[0] * wp, channels], np.int64), "shape")], "flat")
+        g = self.node("Gather", [flat, idx], "gather", axis=1)
+        shape = self.init(np.array([-1, *outs, k[0] * k[1] * channels], np.int64), "shape")
+        return self.node("Reshape", [g, shape], "col")
+
+    def spikes_channels_last(self, u: str, cin: int, spatial: list) -> str:
+        """The uint8 spikes ``u`` (N, C, *spatial) channels-last: their twin when the layer before
+        left one (no layout change at all), else a Transpose."""
+        twin = self.cl.get(u)
+        if twin is not None and twin[1] == cin and list(twin[2]) == list(spatial):
+            return twin[0]
+        nd = len(spatial)
+        return self.node("Transpose", [u], "nhwc", perm=[0, *range(2, nd + 2), 1])
 
     def conv(self, n) -> bool:
         u, c, kind = self.alt[n.input[0]]
@@ -237,13 +315,22 @@ class _Rewriter:
                 windows and (len(spatial) != nd or None in spatial)):
             self.skipped[pname] = "dilated conv or unknown input size"
             return False
-        t = self.node("Transpose", [u], "nhwc", perm=[0, *range(2, nd + 2), 1])
+        if n.output[0] in self.fused:
+            return True
+        t = self.spikes_channels_last(u, int(ints.shape[1]), spatial)
+        sibs = [] if windows else self.pointwise_siblings(n)
+        if sibs:
+            self.fused_pointwise(sibs, t, c, nd)
+            return True
         if windows:
-            t = self.im2col(t, spatial, k, pads, strides)
+            t = self.im2col(t, spatial, k, pads, strides, int(ints.shape[1]))
         b = ints.permute(*range(2, nd + 2), 1, 0).reshape(-1, ints.shape[0]).numpy()
         bias = n.input[2] if len(n.input) > 2 else ""
         y = self.int_matmul(t, b, c, qw, bias, self.name("y"))
         self.emit("Transpose", [y], n.output[0], perm=[0, nd + 1, *range(1, nd + 1)])
+        out_spatial = (self.shapes.get(n.output[0]) or [None])[2:]
+        if len(out_spatial) == nd and None not in out_spatial:
+            self.cl[n.output[0]] = (y, int(ints.shape[0]), tuple(out_spatial))
         self.done[pname] = f"conv {'x'.join(map(str, k))}" + (" (im2col)" if windows else "")
         return True
 
@@ -277,12 +364,69 @@ class _Rewriter:
         self.products += 1
         return True
 
+    # -- channels-last twins -------------------------------------------------------------------
+    def reshaped_twin(self, twin: tuple[str, int, tuple[int, ...]], out: list | None):
+        """The twin of a reshape to ``out`` that keeps the channel axis and the spatial size (a
+        (T, B) merge or split, H, W <-> H*W); None for any other reshape."""
+        name, c, sp = twin
+        if not out:
+            return None
+        size = int(np.prod(sp))
+        axes = [i for i in range(len(out)) if out[i] == c and None not in out[i + 1:]
+                and int(np.prod(out[i + 1:])) == size]
+        if len(axes) != 1:
+            return None
+        new_sp = tuple(out[axes[0] + 1:])
+        if new_sp == sp:
+            return twin
+        shape = self.init(np.array([-1, *new_sp, c], np.int64), "shape")
+        return self.node("Reshape", [name, shape], "twin"), c, new_sp
+
+    def layout(self, n, shape_of: str = "") -> None:
+        """Follow channels-last twins (left by integer convs) through reshapes and the neuron's
+        elementwise ops with scalar constants, so the next integer layer reads its spikes without
+        a Transpose (docs/method.md §7). Twins nobody reads are dropped with the dead nodes."""
+        ins = [i for i in n.input if i]
+        src = [i for i in ins if i in self.cl]
+        if len(src) != 1 or not n.output:
+            return
+        twin = self.cl[src[0]]
+        op, others = n.op_type, [i for i in ins if i != src[0]]
+        if op == "Reshape" and src[0] == n.input[0]:
+            new = self.reshaped_twin(twin, self.shapes.get(shape_of or n.output[0]))
+            if new is not None:
+                self.cl[n.output[0]] = new
+            return
+        if op in ("Identity", "Floor", "Cast", "Relu") or (
+                op in ("Mul", "Add", "Sub", "Div", "Clip") and all(self.scalar(o) is not None for o in others)):
+            from onnx import helper
+
+            out = self.node(op, [twin[0] if i == src[0] else i for i in n.input], "twin", **{
+                a.name: helper.get_attribute_value(a) for a in n.attribute})
+            self.cl[n.output[0]] = (out, twin[1], twin[2])
+
+    def spikes_from_twin(self, u: str) -> bool:
+        """Spikes computed channels-last are the ones every reader gets: a reader that needs them
+        channels-first (a float conv, the attention) transposes the uint8 counts, not the float
+        pre-activation, and the neuron runs once."""
+        twin, c, sp = self.cl[u]
+        shape = self.shapes.get(u)
+        if not shape or sum(d is None for d in shape) != 1:
+            return False
+        t = self.node("Transpose", [twin], "nchw", perm=[0, len(sp) + 1, *range(1, len(sp) + 1)])
+        target = self.init(np.array([-1 if d is None else d for d in shape], np.int64), "shape")
+        self.emit("Reshape", [t, target], u)
+        return True
+
     # -- the walk ------------------------------------------------------------------------------
     def follow(self, n) -> bool:
         """Record integer views of ``n``'s output; True when ``n`` was replaced."""
         ins = [i for i in n.input if i]
+        self.layout(n)
         if n.op_type == "Cast" and _attr(n, "to", 0) == 2:
             self.u8.add(n.output[0])
+            if n.output[0] in self.cl:
+                return self.spikes_from_twin(n.output[0])
         elif n.op_type == "Cast" and _attr(n, "to", 0) == 1 and ins and ins[0] in self.u8:
             self.alt[n.output[0]] = (ins[0], 1.0, "u8")
         elif n.op_type == "Mul" and len(ins) == 2 and any(i in self.alt for i in ins):
@@ -299,6 +443,7 @@ class _Rewriter:
             self.nodes.append(helper.make_node(n.op_type, [t, *n.input[1:]], [out], **{
                 a.name: helper.get_attribute_value(a) for a in n.attribute}))
             self.alt[n.output[0]] = (out, s, kind)
+            self.layout(self.nodes[-1], shape_of=n.output[0])
         elif ins and ins[0] in self.alt:
             if n.op_type == "Conv":
                 return self.conv(n)
@@ -310,6 +455,11 @@ class _Rewriter:
 
     def run(self) -> None:
         self.u8: set[str] = set()
+        self.fused: set[str] = set()
+        self.readers_of: dict[str, list] = {}
+        for n in self.g.node:
+            if n.op_type == "Conv" and n.input[1] in self.weight_of:
+                self.readers_of.setdefault(n.input[0], []).append(n)
         for n in list(self.g.node):
             if not self.follow(n):
                 self.nodes.append(n)
@@ -334,7 +484,8 @@ def rewrite_integer(proto, registry: dict[str, QWeight], int2: bool) -> dict:
     reasons: dict[str, int] = {}
     for why in float_layers.values():
         reasons[why] = reasons.get(why, 0) + 1
-    return {"integer_layers": len(rw.done), "weight_layers": len(registry), "integer_products": rw.products,
+    return {"integer_layers": len(rw.done), "integer_gemms": rw.gemms, "weight_layers": len(registry),
+            "integer_products": rw.products,
             "integer_kinds": kinds, "float_layer_reasons": reasons, "initializers": rw.counts,
             "remaining": {p: qw for p, qw in registry.items() if p not in rw.done}}
 
@@ -387,17 +538,167 @@ def _share_small_initializers(proto, max_bytes: int = 64) -> None:
         n.input[:] = [alias.get(i, i) for i in n.input]
 
 
+class _Peephole:
+    """Producers, consumers and scalar constants of a finished graph, for local rewrites."""
+
+    def __init__(self, proto):
+        from onnx import numpy_helper
+
+        self.g = proto.graph
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.readers: dict[str, int] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.readers[i] = self.readers.get(i, 0) + 1
+        for o in self.g.output:
+            self.readers[o.name] = self.readers.get(o.name, 0) + 1
+        self.values = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in self.g.node
+                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+
+    def scalar(self, name: str) -> float | None:
+        from onnx import numpy_helper
+
+        arr = self.values.get(name)
+        if arr is None and name in self.inits:
+            arr = numpy_helper.to_array(self.inits[name])
+        return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 and arr.dtype.kind == "f" else None
+
+    def only_reader(self, name: str, op: str):
+        """The node producing ``name`` when it is an ``op`` and ``name`` has exactly one reader."""
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type == op and self.readers.get(name) == 1 else None
+
+    def add_init(self, arr: np.ndarray, name: str) -> str:
+        from onnx import numpy_helper
+
+        self.g.initializer.append(numpy_helper.from_array(arr.astype(np.float32), name))
+        self.inits[name] = self.g.initializer[-1]
+        return name
+
+
+def simplify_neurons(proto) -> int:
+    """``Cast(Floor(Clip(v, 0, D) + 0.5), UINT8)`` -> ``Cast(Clip(v + 0.5, 0, D), UINT8)``: the same
+    spike count with one pass less. For v in [0, D] both add 0.5 to the same value; ONNX's Cast to
+    an integer type truncates, which is floor on [0, D]; below 0 or above D both give 0 or D (§1:
+    still half up). Returns the number of neurons rewritten."""
+    pp = _Peephole(proto)
+    done = 0
+    for cast in pp.g.node:
+        if cast.op_type != "Cast" or _attr(cast, "to", 0) != 2:
+            continue
+        floor = pp.only_reader(cast.input[0], "Floor")
+        add = floor and pp.only_reader(floor.input[0], "Add")
+        if not add or len(add.input) != 2:
+            continue
+        clip_in, half = (add.input[0], add.input[1]) if pp.scalar(add.input[1]) is not None else (add.input[1], add.input[0])
+        clip = pp.only_reader(clip_in, "Clip")
+        if pp.scalar(half) != 0.5 or not clip or len(clip.input) != 3 or pp.scalar(clip.input[1]) != 0.0 \
+                or pp.scalar(clip.input[2]) is None:
+            continue
+        v, lo, hi = clip.input
+        if not done:
+            pp.add_init(np.array(0.5, np.float32), "neuron_half")
+        # the Clip node becomes the Add and the Add node the Clip: both keep their place in the order
+        clip.op_type, add.op_type = "Add", "Clip"
+        clip.input[:] = [v, "neuron_half"]
+        add.input[:] = [clip.output[0], lo, hi]
+        cast.input[0] = add.output[0]
+        done += 1
+    return done
+
+
+def fold_into_matmul(proto) -> int:
+    """``MatMulIntegerToFloat`` followed by ``* c`` or ``+ c`` (a scalar; the neuron's D and 0.5)
+    that alone reads its output: folded into its per-channel scale and bias, one pass less over
+    the activations. Returns the number of folded nodes."""
+    from onnx import numpy_helper
+
+    pp = _Peephole(proto)
+    arr = lambda name: numpy_helper.to_array(pp.inits[name]).astype(np.float32)  # noqa: E731
+    drop, done = set(), 0
+    for k, n in enumerate(pp.g.node):
+        if n.op_type not in ("Mul", "Add") or len(n.input) != 2:
+            continue
+        y, c = (n.input[0], n.input[1]) if pp.scalar(n.input[1]) is not None else (n.input[1], n.input[0])
+        views = []
+        while pp.only_reader(y, "Transpose") or pp.only_reader(y, "Reshape"):
+            views.append(pp.producer[y])
+            y = views[-1].input[0]
+        mm, val = pp.only_reader(y, "MatMulIntegerToFloat"), pp.scalar(c)
+        if mm is None or val is None or mm.input[3] not in pp.inits:
+            continue
+        scale = arr(mm.input[3])
+        bias = arr(mm.input[6]) if len(mm.input) > 6 and mm.input[6] else np.zeros_like(scale)
+        if len(mm.input) > 6 and mm.input[6] and mm.input[6] not in pp.inits:
+            continue
+        if n.op_type == "Mul":
+            scale, bias = scale * val, bias * val
+        else:
+            bias = bias + val
+        mm.input[3] = pp.add_init(scale, f"{mm.output[0]}_scale{done}")
+        inputs = list(mm.input) + [""] * (7 - len(mm.input))
+        inputs[6] = pp.add_init(bias, f"{mm.output[0]}_bias{done}")
+        mm.input[:] = inputs
+        last = views[0] if views else mm   # scalar ops commute with layout ops: bypass ``n``
+        last.output[0], pp.producer[n.output[0]] = n.output[0], last
+        drop.add(k)
+        done += 1
+    _remove_nodes(pp.g, drop)
+    return done
+
+
+def _remove_nodes(g, positions: set[int]) -> None:
+    kept = [n for k, n in enumerate(g.node) if k not in positions]
+    del g.node[:]
+    g.node.extend(kept)
+
+
+def fold_into_conv(proto) -> int:
+    """``Conv(x * c, W)`` with a scalar ``c`` (the neuron's output scale before a float conv) ->
+    ``Conv(x, W * c)``: the weights are ``Cast(w) * scale`` of the packed integers, folded once
+    at load, so ``c`` joins ``scale`` and the activations skip one pass. Returns the count."""
+    from onnx import numpy_helper
+
+    pp = _Peephole(proto)
+    position = {o: k for k, n in enumerate(pp.g.node) for o in n.output}
+    drop, done = set(), 0
+    for conv in pp.g.node:
+        if conv.op_type != "Conv" or len(conv.input) < 2:
+            continue
+        x, views = conv.input[0], []
+        while pp.only_reader(x, "Reshape"):
+            views.append(pp.producer[x])
+            x = views[-1].input[0]
+        mul, wmul = pp.only_reader(x, "Mul"), pp.only_reader(conv.input[1], "Mul")
+        if mul is None or wmul is None or wmul.input[1] not in pp.inits:
+            continue
+        src, c = (mul.input[0], mul.input[1]) if pp.scalar(mul.input[1]) is not None else (mul.input[1], mul.input[0])
+        if pp.scalar(c) is None:
+            continue
+        scale = numpy_helper.to_array(pp.inits[wmul.input[1]]).astype(np.float32) * pp.scalar(c)
+        wmul.input[1] = pp.add_init(scale, f"{conv.input[1]}_scaled{done}")
+        (views[-1] if views else conv).input[0] = src
+        drop.add(position[mul.output[0]])
+        done += 1
+    _remove_nodes(pp.g, drop)
+    return done
+
+
 def finish_integer_graph(proto, opset: int) -> None:
     """After the rewrite: drop what the integer layers replaced, merge duplicates (the q/k/v
-    branches read the same spikes), short names, and the opsets (standard + com.microsoft)."""
+    branches read the same spikes), shorter neurons folded into the integer layers before them,
+    short names, and the opsets (standard + com.microsoft)."""
     import onnx
-
-    from .graph import _compact, _dedupe, _drop_dead
 
     foldable_dequant(proto)
     _share_small_initializers(proto)
     _drop_dead(proto)
     _dedupe(proto)
+    _drop_dead(proto)
+    simplify_neurons(proto)
+    fold_into_matmul(proto)
+    fold_into_conv(proto)
     _drop_dead(proto)
     _compact(proto)
     del proto.opset_import[:]

@@ -30,6 +30,9 @@ def ort_session(path_or_bytes: str | os.PathLike | bytes):
     so = ort.SessionOptions()
     for k, v in ORT_CONFIG.items():
         so.add_session_config_entry(k, v)
+    # all graph optimizations (the default, stated): constant folding widens the packed weights
+    # and computes the im2col indices once at load
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     src = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
