@@ -13,20 +13,8 @@ from click.testing import CliRunner
 import qsdcompress as q
 from qsdcompress.cli import main
 from qsdcompress.errors import QsdError
-from qsdcompress.mixed import (
-    Budget,
-    PrefixCache,
-    Problem,
-    Quantizer,
-    convert_to_budget,
-    layer_groups,
-    measure_sensitivity,
-    monotone,
-    search_drop,
-    smallest,
-    solve,
-    validation_batches,
-)
+from qsdcompress.mixed import (Budget, PrefixCache, Problem, Quantizer, convert_to_budget, layer_groups,
+                               measure_sensitivity, monotone, search_drop, smallest, solve, validation_batches)
 from qsdcompress.mixed.plan import Planner
 from qsdcompress.quant import QuantConfig, is_quant_layer, quant_bits, weight_layers
 
