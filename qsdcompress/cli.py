@@ -343,7 +343,8 @@ def sensitivity_cmd(model: str | None, arch: str | None, data: str, bits: str, s
     \b
     Examples:
       qsdcompress sensitivity
-      qsdcompress sensitivity --plot sens.png -o sens.json && qsdcompress convert --sensitivity sens.json --target-size-mb 0.22
+      qsdcompress sensitivity --plot sens.png -o sens.json
+      qsdcompress convert --sensitivity sens.json --target-size-mb 0.22     # reuses the table
       qsdcompress sensitivity --data fashion-mnist --samples 512 --json
     """
     from .mixed import parse_bit_set, sensitivity
