@@ -146,8 +146,12 @@ def plot(rows: list[dict], float_top1: float, path: str) -> None:
                 ax.annotate(r["name"].split()[-1], (x, r["qat_mean"] * 100), textcoords="offset points",
                             xytext=(4, -10), fontsize=7)
     ax.axhline(float_top1 * 100, color="gray", lw=0.8, ls=":", label="float")
-    shown = [v for r in rows if r["name"] != "uniform W1" for v in (r["qat_mean"], r["ptq_test_top1"])]
-    ax.set_ylim(max(min(shown) * 100 - 3, 0), float_top1 * 100 + 1.5)  # W1 may fall below the axis
+    bottom = min(r["qat_mean"] for r in rows) * 100 - 1.5
+    below = [r["name"].split()[-1] for r in rows if r["ptq_test_top1"] * 100 < bottom]
+    ax.set_ylim(bottom, float_top1 * 100 + 1)
+    if below:
+        ax.text(0.98, 0.02 + 0.3, f"below the axis after PTQ: {', '.join(below)}", transform=ax.transAxes,
+                ha="right", fontsize=7, color="gray")
     ax.set_xlabel("model size (kB, sizing.model_size)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("Fashion-MNIST, qsd_tiny_fmnist: uniform vs mixed precision", fontsize=9)
@@ -169,7 +173,15 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (by name prefix)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--from-json", default=None, help="re-render the table and plot of an earlier --json-out")
     args = ap.parse_args()
+    if args.from_json:
+        d = json.loads(Path(args.from_json).read_text())
+        print(markdown(d["rows"], d["float_test_top1"]))
+        print(json.dumps(target_check(d["rows"])))
+        if args.plot:
+            plot(d["rows"], d["float_test_top1"], args.plot)
+        return
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
     float_model = resolve_model(None, data=args.data)
