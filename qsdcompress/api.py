@@ -7,17 +7,18 @@
     q.export(small, "model.onnx")
 
 The functions live with their concerns (:mod:`qsdcompress.loading`, :mod:`qsdcompress.pipeline`,
-:mod:`qsdcompress.train`, :mod:`qsdcompress.export`, :mod:`qsdcompress.report`); this module
+:mod:`qsdcompress.train`, :mod:`qsdcompress.mixed`, :mod:`qsdcompress.export`, :mod:`qsdcompress.report`); this module
 only names them.
 """
 from .config import DEFAULT_WORKDIR
 from .export.exporter import export
 from .loading import bundled_model, guess_arch, load, model_meta, resolve_model, save
+from .mixed import sensitivity
 from .pipeline import convert_model as convert
 from .pipeline import demo
 from .pipeline import evaluate_model as eval  # noqa: A001 - named after the command
 from .report import report
 from .train import finetune
 
-__all__ = ["load", "save", "eval", "convert", "finetune", "export", "report", "demo", "bundled_model", "model_meta",
+__all__ = ["load", "save", "eval", "convert", "sensitivity", "finetune", "export", "report", "demo", "bundled_model", "model_meta",
            "guess_arch", "resolve_model", "DEFAULT_WORKDIR"]

@@ -90,6 +90,7 @@ def main() -> None:
     \b
     Pipeline (each step works with no arguments on the bundled digits model):
       qsdcompress convert --bits 4         low-bit weights + IE-LIF -> qsdcompress-out/converted.qsd
+      qsdcompress sensitivity              damage per layer group and width (for mixed precision)
       qsdcompress finetune --teacher ann   distillation QAT          -> qsdcompress-out/finetuned.qsd
       qsdcompress export                   packed low-bit ONNX       -> qsdcompress-out/model.onnx
       qsdcompress report                   size, spikes and energy
@@ -181,6 +182,33 @@ def _show_convert(r: dict) -> None:
     console.print(s)
     if cal.get("note"):
         console.print(f"[yellow]note:[/] {cal['note']}")
+    if r.get("plan"):
+        _show_plan(r["plan"])
+
+
+def _show_plan(plan: dict) -> None:
+    """The mixed-precision plan: width per group, predicted vs measured."""
+    from rich.table import Table
+
+    from .ui import console
+
+    t = Table(title="mixed-precision plan (docs/method.md §9)")
+    t.add_column("group")
+    t.add_column("bits", justify="right")
+    for name, bits in plan["groups"].items():
+        t.add_row(name, str(bits))
+    console.print(t)
+    pr, me = plan["predicted"], plan["measured"]
+    lines = [f"budget {plan['budget']}: {'met' if plan['budget_met'] else 'NOT met'}",
+             f"size {plan['size_bytes']:,} bytes (predicted {pr['size_bytes']:,})",
+             f"KL to float on {plan['validation_images']} val images: predicted {pr['kl']:.3g} (sum over groups), "
+             f"measured {me['kl']:.3g}",
+             f"val top-1 {me['val_top1'] * 100:.2f}% (float {me['val_top1_float'] * 100:.2f}%, "
+             f"drop {me['drop_points']:.2f} points)"]
+    if "energy_mj" in me:
+        lines.append(f"energy per image {me['energy_mj']:.4g} mJ (predicted {pr['energy_mj']:.4g})")
+    for line in lines:
+        console.print("  " + line)
 
 
 @main.command("convert", context_settings=CONTEXT)
@@ -216,13 +244,27 @@ def _show_convert(r: dict) -> None:
 @click.option("--keep-float", is_flag=True,
               help="Also store the float latent weights (the .qsd then has float size): finetuning starts from "
                    "them instead of from the quantized grid points.")
+@click.option("--target-size-mb", type=float, default=None,
+              help="Mixed precision: the least-damage per-group widths whose size (as report prints it, "
+                   "1 MB = 1e6 bytes) is at most this.")
+@click.option("--target-energy-mj", type=float, default=None,
+              help="Mixed precision: energy per image (the report's energy model) at most this.")
+@click.option("--max-drop", type=float, default=None,
+              help="Mixed precision: the smallest plan whose validation top-1 drops at most this many points.")
+@click.option("--candidate-bits", default="1,2,3,4,8", show_default=True,
+              help="Widths a mixed-precision plan chooses from.")
+@click.option("--sensitivity", "sensitivity_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A table from `qsdcompress sensitivity -o FILE` (else it is measured).")
+@click.option("--sensitivity-samples", type=click.IntRange(1), default=128, show_default=True,
+              help="Validation images the sensitivity and the plan checks run on.")
 @workdir_option
 @json_option
 def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first_last_bits: str | None,
                 skip: tuple[str, ...], scale_init: str, ie_lif: str, ie_lif_init: str, calib_data: str,
                 calib_samples: int, calib_batch_size: int, reestimate_bn: bool | None, calib_batches: int | None,
-                arch: str | None, output: Path | None, no_eval: bool,
-                keep_float: bool, workdir: Path, as_json: bool) -> None:
+                arch: str | None, output: Path | None, no_eval: bool, keep_float: bool, target_size_mb: float | None,
+                target_energy_mj: float | None, max_drop: float | None, candidate_bits: str,
+                sensitivity_file: Path | None, sensitivity_samples: int, workdir: Path, as_json: bool) -> None:
     """Low-bit weights + IE-LIF neurons: MODEL (default: the bundled digits model) -> WORKDIR/converted.qsd.
 
     MODEL is a .qsd file or a reference checkpoint (a reference LSQ checkpoint keeps its 4-bit steps).
@@ -232,7 +274,16 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
       qsdcompress convert --bits 4
       qsdcompress convert --bits 4 --first-last-bits 8 --layer-bits 'block3.*.mlp.*=2'
       qsdcompress convert 8_512.pth --arch spikformer_8_512_CAFormer --data /data/imagenet --calib-samples 1024
+      qsdcompress convert --target-size-mb 0.22          # mixed precision: widths per layer group
+      qsdcompress convert --max-drop 0.5 --first-last-bits 8
+
+    With --target-size-mb, --target-energy-mj or --max-drop the widths come from a plan: per layer
+    group (a block's q/k/v, its projection, each MLP layer, each conv-stage layer) the damage at
+    each candidate width is measured on validation images, and scipy's MILP picks the widths
+    with the least summed damage within the budget. --layer-bits, --first-last-bits and --skip
+    still fix the layers they name.
     """
+    from .mixed import Budget, parse_bit_set
     from .pipeline import run_convert
     from .quant import QuantConfig, parse_bits, parse_layer_bits
 
@@ -243,9 +294,69 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
                       skip=list(skip), scale_init=scale_init, ie_lif=ie_lif, ie_lif_init=ie_lif_init,
                       calib_data=calib_data, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
                       reestimate_bn=reestimate_bn)
+    budget = Budget(target_size_mb=target_size_mb, target_energy_mj=target_energy_mj, max_drop=max_drop,
+                    candidate_bits=list(parse_bit_set(candidate_bits)), samples=sensitivity_samples,
+                    sensitivity=str(sensitivity_file) if sensitivity_file else None)
     r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval,
-                    keep_float=keep_float)
+                    keep_float=keep_float, budget=budget)
     emit(r, as_json, _show_convert)
+
+
+# --- sensitivity (qsdcompress/mixed) ---
+
+
+def _show_sensitivity(r: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from .report.render import short_name
+    from .ui import console
+
+    t = Table(title=f"sensitivity of {r.get('model')}: KL to float (nats/image), only that group quantized",
+              box=box.SIMPLE, pad_edge=False)
+    t.add_column("group", no_wrap=True)
+    for b in r["bits"]:
+        t.add_column(f"W{b}", justify="right", no_wrap=True)
+    for g in r["groups"]:
+        t.add_row(short_name(g["name"], 30), *[f"{g['damage'][str(b)]:.1e}" for b in r["bits"]])
+    console.print(t)
+    console.print(f"{r['samples']} val images of {r.get('data')}, float val top-1 {r['float_val_top1'] * 100:.2f}%; "
+                  f"{r['seconds']:.1f} s" + (f"; table: {r['output']}" if r.get("output") else "")
+                  + (f"; heat map: {r['plot']}" if r.get("plot") else ""))
+
+
+@main.command("sensitivity", context_settings=CONTEXT)
+@click.argument("model", required=False)
+@click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
+@click.option("--data", default="digits", show_default=True,
+              help="Validation images (the val split of this data spec). With no MODEL, its bundled model.")
+@click.option("--bits", default="1,2,3,4,8", show_default=True, help="Widths to measure, comma-separated.")
+@click.option("--samples", type=click.IntRange(1), default=128, show_default=True, help="Validation images.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--scale-init", type=click.Choice(["mse", "lsq", "absmax"]), default="mse", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the table as JSON here (convert --sensitivity reads it).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a groups x bits heat map PNG here.")
+@json_option
+def sensitivity_cmd(model: str | None, arch: str | None, data: str, bits: str, samples: int, batch_size: int,
+                    scale_init: str, output: Path | None, plot: Path | None, as_json: bool) -> None:
+    """Damage per layer group and weight width: KL of the logits from the float model's on
+    validation images when only that group is quantized (MODEL: a float model, default the
+    bundled digits model).
+
+    \b
+    Examples:
+      qsdcompress sensitivity
+      qsdcompress sensitivity --plot sens.png -o sens.json
+      qsdcompress convert --sensitivity sens.json --target-size-mb 0.22     # reuses the table
+      qsdcompress sensitivity --data fashion-mnist --samples 512 --json
+    """
+    from .mixed import parse_bit_set, sensitivity
+
+    r = sensitivity(model, data=data, bits=parse_bit_set(bits, "--bits"), samples=samples, batch_size=batch_size,
+                    scale_init=scale_init, arch=arch, output=output, plot=plot)
+    emit(r, as_json, _show_sensitivity)
 
 # --- finetune (qsdcompress/distill.py, qsdcompress/train) ---
 

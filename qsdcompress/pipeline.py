@@ -25,6 +25,7 @@ from .export.runtime import onnx_predictor
 from .io import ensure_writable_dir, sha256_file
 from .loading import load, pick_device, resolve_model, save
 from .metrics import evaluate
+from .mixed import Budget, convert_to_budget
 from .neurons import IELIF, iter_neurons, set_spike_mode
 from .quant import QuantConfig, convert
 from .report import report
@@ -59,21 +60,39 @@ def evaluate_model(model: nn.Module | str | os.PathLike | None = None, data: str
     return {**out, "model": name, "data": data, "spike_mode": spike_mode or "integer"}
 
 
+def _budget(budget: Budget | Mapping[str, Any] | None, options: dict[str, Any]) -> Budget | None:
+    """The budget from ``budget`` and the options naming its fields (removed from ``options``)."""
+    names = set(Budget.__dataclass_fields__)
+    mine = {k: options.pop(k) for k in list(options) if k in names}
+    if budget is None and not mine:
+        return None
+    base = budget if isinstance(budget, Budget) else Budget.from_dict(budget or {})
+    return replace(base, **mine)
+
+
 def convert_model(model: nn.Module | str | os.PathLike | None = None,
                   config: QuantConfig | Mapping[str, Any] | None = None, calib_loader: Any = None,
-                  **options: Any) -> nn.Module:
+                  budget: Budget | Mapping[str, Any] | None = None, **options: Any) -> nn.Module:
     """Low-bit weights + IE-LIF + calibration (see :mod:`qsdcompress.quant`); returns the converted model.
 
     ``config``: a :class:`~qsdcompress.quant.QuantConfig` or a dict; ``options`` override its fields
     (``qsdcompress.convert(model, bits=4, ie_lif="qkv")``). The float model is left unchanged.
+    A budget (``target_size_mb=``, ``target_energy_mj=``, ``max_drop=``, or a
+    :class:`~qsdcompress.mixed.Budget`) gives each layer group its own width (docs/method.md §9);
+    the plan is in ``model.qsd_quant_meta["mixed_precision"]``.
     """
     if config is None:
         config = QuantConfig()
     elif isinstance(config, Mapping):
         config = QuantConfig.from_dict(config)
+    options = dict(options)
+    plan_budget = _budget(budget, options)
     if options:
         config = replace(config, **options)
-    return convert(resolve_model(model), config, calib_loader)
+    float_model = resolve_model(model)
+    if plan_budget is not None and plan_budget.active:
+        return convert_to_budget(float_model, config.validate(), plan_budget, calib_loader)[0]
+    return convert(float_model, config, calib_loader)
 
 
 def convert_summary(model: nn.Module) -> dict:
@@ -117,11 +136,13 @@ def calibration_note(model: nn.Module, calibration: dict) -> str | None:
 
 def run_convert(model: str | os.PathLike | nn.Module | None = None, config: QuantConfig | None = None,
                 arch: str | None = None, workdir: str | os.PathLike = DEFAULT_WORKDIR,
-                output: str | os.PathLike | None = None, evaluate_top1: bool = True, keep_float: bool = False) -> dict:
+                output: str | os.PathLike | None = None, evaluate_top1: bool = True, keep_float: bool = False,
+                budget: Budget | None = None) -> dict:
     """What ``qsdcompress convert`` does: load, convert, evaluate before/after, save; a summary dict.
 
     The ``.qsd`` holds bit-packed integer weights; ``keep_float`` also keeps the float latent
     weights, so that finetuning starts from the float model's weights rather than their grid points.
+    With an active ``budget`` the widths come from a mixed-precision plan (``plan`` in the result).
     """
     config = (config or QuantConfig()).validate()
     out_path = Path(output) if output is not None else Path(workdir) / "converted.qsd"
@@ -141,7 +162,11 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     float_model.eval()
     if source:
         float_model.qsd_meta = {**(getattr(float_model, "qsd_meta", None) or {}), "source": source}
-    converted = convert(float_model, config)
+    plan = None
+    if budget is not None and budget.active:
+        converted, plan = convert_to_budget(float_model, config, budget)
+    else:
+        converted = convert(float_model, config)
     seconds = time.perf_counter() - t0
     save(converted, out_path, kind="converted", keep_float=keep_float)
     before, after = _top1_before_after(float_model, converted, config.calib_data) if evaluate_top1 else (None, None)
@@ -151,7 +176,7 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
             "top1_data": config.calib_data if before is not None else None, "calibration": calibration,
             "arch": getattr(converted, "arch", None), "config": config.to_dict(),
             **convert_summary(converted), "source": converted.qsd_quant_meta.get("source", {}),
-            "convert_seconds": round(seconds, 2)}
+            "convert_seconds": round(seconds, 2), **({"plan": plan} if plan is not None else {})}
 
 
 def _row(top1: float | None, rep: dict | None, size_bytes: int | None = None, **extra: Any) -> dict:

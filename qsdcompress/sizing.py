@@ -59,13 +59,14 @@ def model_size(model: nn.Module, bits: int | dict[str, int] | None = None) -> di
             qparams += n
             scales += m.weight.shape[0]
     mean_bits = wbits / max(wparams, 1)
-    size_bytes = int(math.ceil((qbits + FLOAT_BITS * (total - qparams + scales)) / 8))
+    size_bits = qbits + FLOAT_BITS * (total - qparams + scales)  # exact: mixed-precision budgets add it up
+    size_bytes = int(math.ceil(size_bits / 8))
     float_bytes = 4 * total
     return {
         "params": total, "weight_params": wparams, "quantized_params": qparams,
         "mean_weight_bits": round(mean_bits, 4),
         "layers_per_bits": dict(sorted(per_bits.items(), key=lambda kv: int(kv[0]))),
-        "size_bytes": size_bytes, "quantized_weight_bytes": int(math.ceil(qbits / 8)),
+        "size_bytes": size_bytes, "size_bits": size_bits, "quantized_weight_bytes": int(math.ceil(qbits / 8)),
         "float_size_bytes": float_bytes, "compression": round(float_bytes / size_bytes, 3) if size_bytes else None,
         "size_mb_paper": round(total / 1e6 * mean_bits / 32, 4), "float_size_mb_paper": round(total / 1e6, 4),
     }

@@ -19,7 +19,7 @@ LAYERS = {
     "quant": 4,
     "loading": 5, "sizing": 5,
     "distill": 6, "export": 6, "report": 6,
-    "train": 7,
+    "train": 7, "mixed": 7,
     "pipeline": 8,
     "api": 9,
     "cli": 10, "__init__": 10, "__main__": 10,

@@ -59,7 +59,8 @@ def restore_quantized(model: nn.Module, meta: Mapping[str, Any]) -> nn.Module:
         old = model.get_submodule(name)
         model.set_submodule(name, AffineMultiSpike(int(spec["channels"]), levels=int(spec.get("levels", old.levels)),
                                                   out_scale=float(spec.get("out_scale", old.out_scale))))
-    model.qsd_quant_meta = {k: copy.deepcopy(meta[k]) for k in ("quant", "neurons", "source", "calibration")
+    model.qsd_quant_meta = {k: copy.deepcopy(meta[k]) for k in ("quant", "neurons", "source", "calibration",
+                                                                   "mixed_precision")
                             if k in meta}
     return model
 

@@ -187,20 +187,29 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def plan_bits(model: nn.Module, config: QuantConfig) -> dict[str, int]:
-    """Bit width per weight layer name (``FLOAT_BITS`` = keep float) under ``config``."""
+def _layer_rule(name: str, index: int, count: int, config: QuantConfig) -> tuple[int, bool]:
+    """Bits of one layer under ``config`` and whether an explicit option (a ``layer_bits`` or
+    ``skip`` glob, ``first_last_bits``) set them rather than the default ``bits``."""
+    bits, explicit = config.bits, False
+    if config.first_last_bits is not None and index in (0, count - 1):
+        bits, explicit = config.first_last_bits, True
+    for glob, b in config.layer_bits.items():
+        if fnmatch.fnmatchcase(name, glob):
+            bits, explicit = b, True
+    if any(fnmatch.fnmatchcase(name, g) for g in config.skip):
+        bits, explicit = FLOAT_BITS, True
+    return bits, explicit
+
+
+def plan_bits(model: nn.Module, config: QuantConfig, explicit_only: bool = False) -> dict[str, int]:
+    """Bit width per weight layer name (``FLOAT_BITS`` = keep float) under ``config``;
+    ``explicit_only``: only the layers an option names (what a mixed-precision plan must not change)."""
     layers = [n for n, _ in weight_layers(model)]
     plan: dict[str, int] = {}
     for i, name in enumerate(layers):
-        bits = config.bits
-        if config.first_last_bits is not None and i in (0, len(layers) - 1):
-            bits = config.first_last_bits
-        for glob, b in config.layer_bits.items():
-            if fnmatch.fnmatchcase(name, glob):
-                bits = b
-        if any(fnmatch.fnmatchcase(name, g) for g in config.skip):
-            bits = FLOAT_BITS
-        plan[name] = bits
+        bits, explicit = _layer_rule(name, i, len(layers), config)
+        if explicit or not explicit_only:
+            plan[name] = bits
     for glob in [*config.layer_bits, *config.skip]:
         if not any(fnmatch.fnmatchcase(n, glob) for n in layers):
             raise QsdError(f"layer glob {glob!r} matches no conv/linear layer (e.g. {layers[len(layers) // 2]})")

@@ -171,8 +171,11 @@ def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None)
     return st
 
 
-def layer_rows(model: nn.Module, st: _Stats, table: EnergyTable, bits_override: int | None = None) -> list[dict]:
-    """One dict per weight layer and per attention product (the DataFrame rows)."""
+def layer_rows(model: nn.Module, st: _Stats, table: EnergyTable,
+               bits_override: int | dict[str, int] | None = None) -> list[dict]:
+    """One dict per weight layer and per attention product (the DataFrame rows); ``bits_override``
+    prices the layers at other widths (one for all, or by name), as the float comparison and
+    mixed-precision planning do."""
     T = int(getattr(model, "T", 1))
     neurons = dict(iter_neurons(model))
     feeds = describe(model).layer_input
