@@ -13,6 +13,7 @@ from qsdcompress.data import DataConfig, build_loader
 from qsdcompress.quant import QuantConfig, convert
 from qsdcompress.report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from qsdcompress.train import finetune
+from qsdcompress.zoo import bundled_path
 
 # name -> (convert options, finetune options); every run starts from the same float model
 ABLATION = {
@@ -25,6 +26,10 @@ ABLATION = {
     "full": (dict(ie_lif="qkv"), dict(lambda_kd=1.0, lambda_fgd=1.0)),
     "full(rectify)": (dict(ie_lif="qkv", ie_lif_init="rectify"), dict(lambda_kd=1.0, lambda_fgd=1.0)),
     "full(ie_lif attention)": (dict(ie_lif="attention"), dict(lambda_kd=1.0, lambda_fgd=1.0)),
+    # the teacher is the float SNN itself (the bundled one of the data): for when the counterpart
+    # ANN is weaker than the student
+    "full(teacher float snn)": (dict(ie_lif="qkv"), dict(lambda_kd=1.0, lambda_fgd=1.0, teacher="float")),
+    "baseline+kd(teacher float snn)": (dict(ie_lif="none"), dict(lambda_kd=1.0, lambda_fgd=0.0, teacher="float")),
 }
 
 
@@ -54,9 +59,12 @@ def one_run(float_model: nn.Module, data: str, bits: int, convert_opts: dict, se
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     model = convert(float_model, QuantConfig(bits=bits, calib_data=data, **convert_opts))
+    teacher = ft.pop("teacher", "ann")
+    teacher = str(bundled_path(data=data)) if teacher == "float" else teacher
     with tempfile.TemporaryDirectory() as d:
-        r = finetune(model, teacher="ann", data=data, workdir=d, seed=seed, **ft)
-        out = {"bits": bits, **convert_opts, "seed": seed, **ft, "input_val_top1": r["input_val_top1"],
+        r = finetune(model, teacher=teacher, data=data, workdir=d, seed=seed, **ft)
+        out = {"bits": bits, **convert_opts, "seed": seed, **ft, "teacher": teacher,
+               "input_val_top1": r["input_val_top1"],
                "val_top1": r["val_top1"], "top1": r["top1"], "kept": r["kept"], "best_epoch": r["best_epoch"],
                "steps": r["steps"]}
         if diagnose:

@@ -7,6 +7,7 @@ dataset-fashion-mnist``, or ``--data fashion-mnist:DIR``).
     python benchmarks/fmnist.py ablation  [--bits 2 4] [--seeds 0 1 2] [--configs ...] [--steps 300]
     python benchmarks/fmnist.py diagnosis [--bits 4 2]
     python benchmarks/fmnist.py table     # markdown tables of everything in --out
+    python benchmarks/fmnist.py plot      # q/k/v level histograms -> benchmarks/fmnist_qkv_histograms.png
 
 Every result is one JSON line appended to ``--out`` (default ``benchmarks/fmnist_results.jsonl``)
 as soon as it is measured, so an interrupted run loses nothing. Validation (5,000 images held out
@@ -78,11 +79,43 @@ def ablation(args, fm) -> None:
 
 
 def diagnosis(args, fm) -> None:
-    emit(args, {"config": "float", "bits": 32, **spike_diagnosis(fm, args.data)})
+    if "float" in args.models:
+        emit(args, {"config": "float", "bits": 32, **spike_diagnosis(fm, args.data)})
     for bits in args.bits:
         for ie in ("none", "identity", "rectify"):
-            m = convert(fm, QuantConfig(bits=bits, calib_data=args.data, **PTQ_IE_LIF[ie]))
-            emit(args, {"config": f"ptq ie_lif={ie}", "bits": bits, **spike_diagnosis(m, args.data)})
+            for bn in args.bn:
+                m = convert(fm, QuantConfig(bits=bits, calib_data=args.data, reestimate_bn=bn == "re-estimated",
+                                            **PTQ_IE_LIF[ie]))
+                emit(args, {"config": f"ptq ie_lif={ie} bn={bn}", "bits": bits, **spike_diagnosis(m, args.data)})
+
+
+def plot(args, _fm) -> None:
+    """q/k/v spike-level histograms (all blocks summed), float vs PTQ vs after QAT, to --figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(Path(args.out))
+    cases = [(f"{r['config']} W{r['bits']}" if r["bits"] < 32 else "float", r["qkv_histogram"], r["entropy_qkv"])
+             for r in rows if r["section"] == "diagnosis"]
+    cases += [(f"QAT {r['config']} W{r['bits']} seed {r['seed']}", r["spikes_after"]["qkv_histogram"],
+               r["spikes_after"]["entropy_qkv"]) for r in rows if "spikes_after" in r and r["seed"] == 0]
+    cols = 4
+    fig, axes = plt.subplots((len(cases) + cols - 1) // cols, cols, figsize=(3.2 * cols, 2.4 * ((len(cases) + 3) // 4)),
+                             squeeze=False, sharey=True)
+    for ax, (name, hist, ent) in zip(axes.flat, cases):
+        total = sum(hist)
+        ax.bar(range(len(hist)), [h / total for h in hist], color="tab:blue")
+        ax.set_title(f"{name}\nH = {ent:.2f} bits", fontsize=8)
+        ax.set_xticks(range(len(hist)))
+    for ax in list(axes.flat)[len(cases):]:
+        ax.axis("off")
+    fig.supxlabel("q/k/v spike count S (0..D)")
+    fig.supylabel("fraction")
+    fig.tight_layout()
+    fig.savefig(args.figure, dpi=110)
+    print(f"wrote {args.figure}")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -121,21 +154,25 @@ def table(args, _fm) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["ptq", "qat", "ablation", "diagnosis", "table"])
+    ap.add_argument("what", choices=["ptq", "qat", "ablation", "diagnosis", "table", "plot"])
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--bits", type=int, nargs="+", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--configs", nargs="+", default=list(ABLATION), choices=list(ABLATION))
     ap.add_argument("--steps", type=int, default=300, help="QAT optimizer steps per run (batch 64)")
     ap.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
+    ap.add_argument("--bn", nargs="+", choices=["float", "re-estimated"], default=["float", "re-estimated"],
+                    help="diagnosis: BatchNorm statistics after quantizing")
+    ap.add_argument("--models", nargs="+", default=["float", "ptq"], help="diagnosis: include the float model")
+    ap.add_argument("--figure", default=str(Path(__file__).resolve().parent / "fmnist_qkv_histograms.png"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "fmnist_results.jsonl"))
     a = ap.parse_args()
     a.bits = a.bits or {"ptq": [8, 4, 3, 2, 1], "qat": [4, 3, 2, 1], "ablation": [2, 4],
                         "diagnosis": [4, 2]}.get(a.what, [])
     torch.set_num_threads(a.threads)
-    fm = None if a.what == "table" else bundled_model(data=a.data)
-    {"ptq": ptq, "qat": qat, "ablation": ablation, "diagnosis": diagnosis, "table": table}[a.what](a, fm)
+    fm = None if a.what in ("table", "plot") else bundled_model(data=a.data)
+    {"ptq": ptq, "qat": qat, "ablation": ablation, "diagnosis": diagnosis, "table": table, "plot": plot}[a.what](a, fm)
 
 
 if __name__ == "__main__":
