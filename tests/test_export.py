@@ -115,7 +115,10 @@ def test_export_w2_uses_int2_and_no_int2_falls_back(tmp_path):
     r4 = export(m, tmp_path / "b.onnx", parity_samples=16, int2=False)
     assert r4["initializers"] == {"INT4": 82} and r4["opset"] == 21
     assert r["file_bytes"] < 0.8 * r4["file_bytes"]
-    assert _int_inits(tmp_path / "a.onnx")["INT2"] == 82
+    # the int format stores each block's q/k/v weights as one initializer (one GEMM for the three)
+    fused = r["integer_layers"] - r["integer_gemms"]
+    assert fused == 2 * len(m.attention_blocks)
+    assert _int_inits(tmp_path / "a.onnx")["INT2"] == 82 - fused
     # INT2 exists from IR 13 on; INT4 from IR 10
     assert onnx.load(str(tmp_path / "a.onnx")).ir_version == 13
     assert onnx.load(str(tmp_path / "b.onnx")).ir_version == 10
