@@ -123,7 +123,7 @@ def _partial_value(n, partial: dict[str, np.ndarray], consts: dict[str, np.ndarr
     if ins[0] is None or any(v is None for v, i in zip(ins, n.input) if i):
         return None
     x = np.asarray(ins[0], dtype=object)
-    if n.op_type == "Gather" and _attr_int(n, "axis") == 0:
+    if n.op_type == "Gather" and node_attr(n, "axis") == 0:
         return np.asarray(x[np.asarray(ins[1], np.int64)], dtype=object)
     if n.op_type == "Slice" and x.ndim == 1 and all(v.size == 1 for v in ins[1:]):
         st, en = int(ins[1].reshape(-1)[0]), int(ins[2].reshape(-1)[0])
@@ -133,16 +133,27 @@ def _partial_value(n, partial: dict[str, np.ndarray], consts: dict[str, np.ndarr
         return x.reshape(1)
     if n.op_type == "Squeeze" and x.size == 1:
         return x.reshape(())
-    if n.op_type == "Concat" and _attr_int(n, "axis") == 0:
+    if n.op_type == "Concat" and node_attr(n, "axis") == 0:
         return np.concatenate([np.asarray(v, dtype=object).reshape(-1) for v in ins])
     return None
 
 
-def _attr_int(n, name: str, default: int = 0) -> int:
-    for a in n.attribute:
+def node_attr(node, name: str, default: Any = 0) -> Any:
+    """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
+    from onnx import helper
+
+    for a in node.attribute:
         if a.name == name:
-            return a.i
+            return helper.get_attribute_value(a)
     return default
+
+
+def constant_values(graph) -> dict[str, np.ndarray]:
+    """Output name -> value of every ``Constant`` node that holds a tensor."""
+    from onnx import numpy_helper
+
+    return {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
 
 
 def _inferred_shapes(proto) -> dict[str, list[int | None]]:
@@ -226,7 +237,7 @@ class _ShapeFolder:
                 return True
         if n.op_type == "Shape" and n.input[0] in self.shapes:
             dims = np.array(self.shapes[n.input[0]], dtype=object)
-            partial[n.output[0]] = dims[_attr_int(n, "start", 0): _attr_int(n, "end", len(dims))]
+            partial[n.output[0]] = dims[node_attr(n, "start", 0): node_attr(n, "end", len(dims))]
         elif n.op_type != "Reshape" and any(i in partial for i in n.input):
             v = _partial_value(n, partial, consts)
             if v is not None:
@@ -240,7 +251,7 @@ class _ShapeFolder:
             consts[n.output[0]] = partial.pop(n.output[0]).astype(np.int64)
             return True
         out = self.shapes.get(n.output[0]) if n.op_type == "Reshape" and n.input[1] not in consts else None
-        if out and sum(d is None for d in out) == 1 and _attr_int(n, "allowzero") == 0:
+        if out and sum(d is None for d in out) == 1 and node_attr(n, "allowzero") == 0:
             # the output's one unknown dimension (the batch) becomes -1: no Shape computation at run time
             n.input[1] = "shape_" + "_".join(str(d or -1) for d in out)
             consts[n.input[1]] = np.array([d or -1 for d in out], np.int64)

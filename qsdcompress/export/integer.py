@@ -24,7 +24,6 @@ by ``Mul(Cast(w), scale)``, which onnxruntime folds once at load.
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +31,8 @@ import torch.nn as nn
 
 from ..neurons import AffineMultiSpike, Neuron
 from .folding import ExportNeuron, QWeight, export_module
-from .graph import _compact, _dedupe, _drop_dead, packed_tensor, static_shapes, storage_bits
+from .graph import (_compact, _dedupe, _drop_dead, constant_values, node_attr, packed_tensor, static_shapes,
+                    storage_bits)
 
 MS_DOMAIN = "com.microsoft"
 # A k x k (or strided) conv gathers its windows first (im2col): k*k bytes per input element written
@@ -96,29 +96,15 @@ def integer_module(model: nn.Module) -> tuple[nn.Module, dict[str, QWeight]]:
     return m.eval(), registry
 
 
-def _attr(node, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 class _Rewriter:
     """One pass over a cleaned, traced graph: spikes followed through shape ops, integer layers
     emitted in place of the float ones they replace."""
 
     def __init__(self, proto, registry: dict[str, QWeight], int2: bool):
-        from onnx import numpy_helper
-
         self.g = proto.graph
         self.int2 = int2
         self.inits = {t.name: t for t in self.g.initializer}
-        self.consts: dict[str, np.ndarray] = {}
-        for n in self.g.node:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        self.consts: dict[str, np.ndarray] = constant_values(self.g)
         by_bytes = {qw.dequantized().float().numpy().tobytes(): name
                     for name, qw in registry.items() if qw.ints is not None}
         self.weight_of: dict[str, str] = {}   # initializer name -> registry parameter name
@@ -211,8 +197,9 @@ class _Rewriter:
             return []
         if any(len(s.input) > 2 and s.input[2] and s.input[2] not in self.inits for s in sibs):
             return []
-        if any(int(np.prod(q.ints.shape[2:])) != 1 or _attr(s, "group", 1) != 1 or any(_attr(s, "pads", []))
-               or any(v != 1 for v in _attr(s, "strides", [])) for s, q in zip(sibs, qws)):
+        if any(int(np.prod(q.ints.shape[2:])) != 1 or node_attr(s, "group", 1) != 1
+               or any(node_attr(s, "pads", [])) or any(v != 1 for v in node_attr(s, "strides", []))
+               for s, q in zip(sibs, qws)):
             return []
         if len({storage_bits(q.bits, self.int2) for q in qws}) != 1 or len({q.ints.shape[1] for q in qws}) != 1:
             return []
@@ -300,18 +287,18 @@ class _Rewriter:
         qw = self.registry[pname]
         ints = qw.ints
         nd = ints.dim() - 2
-        if _attr(n, "group", 1) != 1:
+        if node_attr(n, "group", 1) != 1:
             self.skipped[pname] = "depthwise/grouped conv (integer kernel not faster)"
             return False
-        pads = list(_attr(n, "pads", [0] * 2 * nd))
-        strides = list(_attr(n, "strides", [1] * nd))
+        pads = list(node_attr(n, "pads", [0] * 2 * nd))
+        strides = list(node_attr(n, "strides", [1] * nd))
         k = tuple(int(v) for v in ints.shape[2:])
         windows = any(v > 1 for v in k) or any(pads) or any(s > 1 for s in strides)
         spatial = (self.shapes.get(n.input[0]) or [None])[2:]
         if windows and ints.shape[0] < MIN_WINDOW_COUT:
             self.skipped[pname] = f"k x k conv with < {MIN_WINDOW_COUT} output channels (im2col costs more than it saves)"
             return False
-        if any(d != 1 for d in _attr(n, "dilations", [1] * nd)) or (
+        if any(d != 1 for d in node_attr(n, "dilations", [1] * nd)) or (
                 windows and (len(spatial) != nd or None in spatial)):
             self.skipped[pname] = "dilated conv or unknown input size"
             return False
@@ -337,8 +324,8 @@ class _Rewriter:
     def gemm(self, n) -> bool:
         u, c, kind = self.alt[n.input[0]]
         pname = self.weight_of.get(n.input[1])
-        plain = (_attr(n, "transA", 0) == 0 and _attr(n, "transB", 0) == 1 and _attr(n, "alpha", 1.0) == 1.0
-                 and _attr(n, "beta", 1.0) == 1.0)
+        plain = (node_attr(n, "transA", 0) == 0 and node_attr(n, "transB", 0) == 1
+                 and node_attr(n, "alpha", 1.0) == 1.0 and node_attr(n, "beta", 1.0) == 1.0)
         if kind != "u8" or pname is None or not plain:
             return False
         qw = self.registry[pname]
@@ -423,11 +410,11 @@ class _Rewriter:
         """Record integer views of ``n``'s output; True when ``n`` was replaced."""
         ins = [i for i in n.input if i]
         self.layout(n)
-        if n.op_type == "Cast" and _attr(n, "to", 0) == 2:
+        if n.op_type == "Cast" and node_attr(n, "to", 0) == 2:
             self.u8.add(n.output[0])
             if n.output[0] in self.cl:
                 return self.spikes_from_twin(n.output[0])
-        elif n.op_type == "Cast" and _attr(n, "to", 0) == 1 and ins and ins[0] in self.u8:
+        elif n.op_type == "Cast" and node_attr(n, "to", 0) == 1 and ins and ins[0] in self.u8:
             self.alt[n.output[0]] = (ins[0], 1.0, "u8")
         elif n.op_type == "Mul" and len(ins) == 2 and any(i in self.alt for i in ins):
             a, b = ins if ins[0] in self.alt else ins[::-1]
@@ -502,7 +489,7 @@ def foldable_dequant(proto) -> int:
     nodes, done = [], 0
     for n in g.node:
         w, s = (n.input[0], n.input[1]) if n.op_type == "DequantizeLinear" else ("", "")
-        if w not in inits or s not in inits or _attr(n, "axis", 1) != 0 or len(n.input) > 2:
+        if w not in inits or s not in inits or node_attr(n, "axis", 1) != 0 or len(n.input) > 2:
             nodes.append(n)
             continue
         rank = len(inits[w].dims)
@@ -542,8 +529,6 @@ class _Peephole:
     """Producers, consumers and scalar constants of a finished graph, for local rewrites."""
 
     def __init__(self, proto):
-        from onnx import numpy_helper
-
         self.g = proto.graph
         self.inits = {t.name: t for t in self.g.initializer}
         self.producer = {o: n for n in self.g.node for o in n.output}
@@ -553,8 +538,7 @@ class _Peephole:
                 self.readers[i] = self.readers.get(i, 0) + 1
         for o in self.g.output:
             self.readers[o.name] = self.readers.get(o.name, 0) + 1
-        self.values = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in self.g.node
-                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+        self.values = constant_values(self.g)
 
     def scalar(self, name: str) -> float | None:
         from onnx import numpy_helper
@@ -585,7 +569,7 @@ def simplify_neurons(proto) -> int:
     pp = _Peephole(proto)
     done = 0
     for cast in pp.g.node:
-        if cast.op_type != "Cast" or _attr(cast, "to", 0) != 2:
+        if cast.op_type != "Cast" or node_attr(cast, "to", 0) != 2:
             continue
         floor = pp.only_reader(cast.input[0], "Floor")
         add = floor and pp.only_reader(floor.input[0], "Add")
