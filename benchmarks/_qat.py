@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import qsdcompress as q
-from qsdcompress.data import DataConfig, build_loader
+from qsdcompress.data import DataConfig, build_loader, first_samples
 from qsdcompress.quant import QuantConfig, convert
 from qsdcompress.report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from qsdcompress.train import finetune
@@ -39,13 +39,9 @@ def spike_diagnosis(model: nn.Module, data: str, images: int = 1000) -> dict:
     q/k/v, on the first ``images`` validation images."""
     loader = build_loader(data, "val", DataConfig.from_model(model), batch_size=250)
     model.eval()
-    seen = 0
     with SpikeRecorder(model, histograms=qkv_neurons(model)) as rec:
-        for x, _ in loader:
+        for x, _ in first_samples(loader, images):
             model(x)
-            seen += len(x)
-            if seen >= images:
-                break
     stats = spike_statistics(model, rec)
     hist = sum(rec.hist[n] for n in rec.hist)
     return {"entropy": {k[len("entropy."):]: round(v, 4) for k, v in stats.items() if k.startswith("entropy.")},

@@ -32,7 +32,7 @@ import gzip
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -388,6 +388,23 @@ def resize_batch(x: torch.Tensor, src: DataConfig, dst: DataConfig) -> torch.Ten
     return (raw - m_d) / s_d
 
 
+def first_samples(loader: Iterable, n: int) -> list:
+    """The batches of ``loader`` that hold its first ``n`` samples, the last one cut to fit; each
+    batch as the loader gives it (a tensor, or a tuple/list whose tensors are all cut)."""
+    out: list = []
+    seen = 0
+    if n <= 0:
+        return out
+    for batch in loader:
+        keep = n - seen
+        batch = type(batch)(t[:keep] for t in batch) if isinstance(batch, (list, tuple)) else batch[:keep]
+        out.append(batch)
+        seen += len(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        if seen >= n:
+            break
+    return out
+
+
 def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """Random translation of each image by up to ``max_shift`` pixels (replicate padding): the
     augmentation the bundled digits models were trained with."""
@@ -403,5 +420,5 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2
 __all__: Sequence[str] = [
     "DataConfig", "build_dataset", "build_loader", "digits_dataset", "synthetic_dataset",
     "resize_batch", "num_classes_of", "random_shift", "read_idx", "idx_dataset", "stratified_holdout",
-    "to_model_input",
+    "to_model_input", "first_samples",
 ]

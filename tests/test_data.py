@@ -281,3 +281,17 @@ def test_synthetic_val_is_its_own_draw():
     tr, va, te = (build_dataset("synthetic:8", s, cfg) for s in ("train", "val", "test"))
     assert not torch.equal(va.tensors[0], tr.tensors[0]) and not torch.equal(va.tensors[0], te.tensors[0])
     assert torch.equal(va.tensors[0], build_dataset("synthetic:8", "val", cfg).tensors[0])
+
+
+def test_first_samples_cuts_the_last_batch_and_keeps_the_batch_form():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qsdcompress.data import first_samples
+
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    got = first_samples(DataLoader(TensorDataset(x, y), batch_size=4), 6)
+    assert [len(b[0]) for b in got] == [4, 2] and all(isinstance(b, list) and len(b) == 2 for b in got)
+    assert torch.equal(torch.cat([b[1] for b in got]), y[:6])
+    plain = first_samples([x[:4], x[4:8], x[8:]], 9)
+    assert [len(b) for b in plain] == [4, 4, 1] and torch.equal(torch.cat(plain), x[:9])
+    assert first_samples([x], 0) == [] and len(first_samples([x], 50)) == 1

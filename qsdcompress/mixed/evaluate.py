@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import DataConfig, build_loader
+from ..data import DataConfig, build_loader, first_samples
 from ..errors import QsdError
 from ..quant import init_step, is_quant_layer, make_quant_layer
 
@@ -31,13 +31,7 @@ def validation_batches(model: nn.Module, data: str, samples: int, batch_size: in
         raise QsdError(f"--sensitivity-samples must be at least 1, got {samples}")
     loader = build_loader(data, "val", DataConfig.from_model(model), batch_size=min(batch_size, samples),
                           shuffle=False, num_classes=getattr(model, "num_classes", 10))
-    out: list[Batch] = []
-    seen = 0
-    for x, y in loader:
-        out.append((x[: samples - seen], y[: samples - seen]))
-        seen += len(out[-1][0])
-        if seen >= samples:
-            break
+    out: list[Batch] = [(x, y) for x, y in first_samples(loader, samples)]
     if not out:
         raise QsdError(f"the val split of {data!r} gave no images")
     return out

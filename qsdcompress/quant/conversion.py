@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ..data import DataConfig, build_loader
+from ..data import DataConfig, build_loader, first_samples
 from ..errors import QsdError
 from ..io import load_state_dict_checked, strip_quant_extras
 from ..neurons import IELIF, AffineMultiSpike, iter_neurons
@@ -104,17 +104,9 @@ def calib_loader_for(model: nn.Module, config: QuantConfig):
 
 def _first_samples(loader: Iterable | None, n: int) -> list[torch.Tensor]:
     """Image batches holding the first ``n`` images of a loader (labels dropped)."""
-    out: list[torch.Tensor] = []
-    seen = 0
-    if loader is None or n <= 0:
-        return out
-    for batch in loader:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        out.append(x[: n - seen])
-        seen += len(out[-1])
-        if seen >= n:
-            break
-    return out
+    if loader is None:
+        return []
+    return [b[0] if isinstance(b, (list, tuple)) else b for b in first_samples(loader, n)]
 
 
 def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = None,
