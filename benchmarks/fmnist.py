@@ -60,7 +60,7 @@ def ptq(args, fm) -> None:
 
 
 def qat_options(args) -> dict:
-    return dict(steps=args.steps, limit_train_batches=args.val_every, batch_size=64, eval_max_batches=None)
+    return dict(steps=args.steps, limit_train_batches=args.val_every, batch_size=64)
 
 
 def qat(args, fm) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..data import DataConfig, build_loader, first_samples
 from ..errors import QsdError
-from ..quant import init_step, is_quant_layer, make_quant_layer
+from ..quant import init_step, is_quant_layer, make_quant_layer, weight_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -86,8 +86,6 @@ class Quantizer:
         self.float_layers = {name: model.get_submodule(name) for name in self._names()}
 
     def _names(self) -> list[str]:
-        from ..quant import weight_layers
-
         out = []
         for name, m in weight_layers(self.model):
             if is_quant_layer(m):

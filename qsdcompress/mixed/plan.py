@@ -114,10 +114,6 @@ def _energy_costs(model: nn.Module, free, bits: list[int], fixed: Mapping[str, i
     return costs, base
 
 
-def _fixed_widths(model: nn.Module, config: QuantConfig) -> dict[str, int]:
-    return plan_bits(model, config, explicit_only=True)
-
-
 def _problem(model: nn.Module, sens: SensitivityTable, budget: Budget, fixed: Mapping[str, int],
              images: list, etable: EnergyTable) -> tuple[Problem, list[tuple[str, list[str]]]]:
     bits = list(budget.candidate_bits)
@@ -158,7 +154,7 @@ class Planner:
         self.batches = validation_batches(model, config.calib_data, budget.samples)
         self.images = [x for x, _ in self.batches]
         self.etable = EnergyTable.from_file(budget.energy_table) if budget.energy_table else EnergyTable()
-        self.fixed = _fixed_widths(model, config)
+        self.fixed = plan_bits(model, config, explicit_only=True)  # what --layer-bits etc. name
         if budget.sensitivity:
             self.table = read_table(budget.sensitivity)
             self.table.check_fits(model, budget.candidate_bits)

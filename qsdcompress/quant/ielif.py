@@ -108,6 +108,15 @@ def _calibrating_ie_lif(model: nn.Module, identity: bool) -> Iterator[None]:
             h.remove()
 
 
+def _run_batches(model: nn.Module, batches: list[torch.Tensor], description: str) -> int:
+    """Forward every batch (outputs unused) under a progress bar; returns the count."""
+    with progress_bar(description, len(batches)) as (bar, task):
+        for x in batches:
+            model(x)
+            bar.update(task, advance=1)
+    return len(batches)
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], identity: bool = True,
               description: str = "calibrate") -> int:
@@ -115,16 +124,11 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], identity: bool 
     batches = list(batches)
     was_training = model.training
     model.eval()
-    n = 0
     try:
-        with _calibrating_ie_lif(model, identity), progress_bar(description, len(batches)) as (bar, task):
-            for x in batches:
-                model(x)
-                n += 1
-                bar.update(task, advance=1)
+        with _calibrating_ie_lif(model, identity):
+            return _run_batches(model, batches, description)
     finally:
         model.train(was_training)
-    return n
 
 
 @torch.no_grad()
@@ -149,10 +153,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor],
             bn.reset_running_stats()
             bn.momentum = None
             bn.train()
-        with progress_bar(description, len(batches)) as (bar, task):
-            for x in batches:
-                model(x)
-                bar.update(task, advance=1)
+        _run_batches(model, batches, description)
     finally:
         for bn, (momentum, training) in zip(bns, saved):
             bn.momentum = momentum
