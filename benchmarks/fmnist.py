@@ -50,8 +50,9 @@ def top1(model, args, split: str) -> float:
 def ptq(args, fm) -> None:
     emit(args, {"config": "float", "bits": 32, "val_top1": top1(fm, args, "val"), "top1": top1(fm, args, "test")})
     for bits in args.bits:
-        for ie, opts in PTQ_IE_LIF.items():
-            for bn in (False, True):
+        for ie in args.ie_lif:
+            opts = PTQ_IE_LIF[ie]
+            for bn in (b == "re-estimated" for b in args.bn):
                 t0 = time.process_time()
                 m = convert(fm, QuantConfig(bits=bits, calib_data=args.data, reestimate_bn=bn, **opts))
                 emit(args, {"config": f"ie_lif={ie} bn={'re-estimated' if bn else 'float'}", "bits": bits,
@@ -162,7 +163,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="QAT optimizer steps per run (batch 64)")
     ap.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
     ap.add_argument("--bn", nargs="+", choices=["float", "re-estimated"], default=["float", "re-estimated"],
-                    help="diagnosis: BatchNorm statistics after quantizing")
+                    help="ptq and diagnosis: BatchNorm statistics after quantizing")
+    ap.add_argument("--ie-lif", nargs="+", choices=list(PTQ_IE_LIF), default=list(PTQ_IE_LIF),
+                    help="ptq: the IE-LIF variants converted")
     ap.add_argument("--models", nargs="+", default=["float", "ptq"], help="diagnosis: include the float model")
     ap.add_argument("--figure", default=str(Path(__file__).resolve().parent / "fmnist_qkv_histograms.png"))
     ap.add_argument("--threads", type=int, default=2)

@@ -85,7 +85,8 @@ def _graph(module: nn.Module, registry: dict, sample, opset: int, use_int2: bool
     counts = dict(info.pop("initializers"))
     for k, v in pack_graph(proto, info.pop("remaining"), use_int2).items():
         counts[k] = counts.get(k, 0) + v
-    finish_integer_graph(proto, opset)
+    sites = info.pop("sites")
+    info["requantized_layers"] = finish_integer_graph(proto, opset, sites)
     return proto, {"initializers": counts, **info}
 
 

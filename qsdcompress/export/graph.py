@@ -320,13 +320,50 @@ def _strip_default_attributes(proto) -> None:
         n.attribute.extend(keep)
 
 
-def _dedupe(proto) -> int:
+class Peephole:
+    """Producers, consumers and scalar constants of a finished graph, for local rewrites."""
+
+    def __init__(self, proto):
+        self.g = proto.graph
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.readers: dict[str, int] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.readers[i] = self.readers.get(i, 0) + 1
+        for o in self.g.output:
+            self.readers[o.name] = self.readers.get(o.name, 0) + 1
+        self.values = constant_values(self.g)
+
+    def scalar(self, name: str) -> float | None:
+        from onnx import numpy_helper
+
+        arr = self.values.get(name)
+        if arr is None and name in self.inits:
+            arr = numpy_helper.to_array(self.inits[name])
+        return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 and arr.dtype.kind == "f" else None
+
+    def only_reader(self, name: str, op: str):
+        """The node producing ``name`` when it is an ``op`` and ``name`` has exactly one reader."""
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type == op and self.readers.get(name) == 1 else None
+
+    def add_init(self, arr: np.ndarray, name: str, dtype: Any = np.float32) -> str:
+        from onnx import numpy_helper
+
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(arr).astype(dtype), name))
+        self.inits[name] = self.g.initializer[-1]
+        return name
+
+
+def _dedupe(proto, alias: dict[str, str] | None = None) -> int:
     """Common-subexpression elimination: the traced graph recomputes the same shape arithmetic
     (Shape -> Gather -> Unsqueeze -> Concat) and repeats identical Constants hundreds of times.
     Merging identical nodes (same op, inputs and attributes) keeps the graph a small fraction of
-    the packed weights. Returns the number of nodes removed."""
+    the packed weights. Returns the number of nodes removed; ``alias`` (when given) receives the
+    removed outputs' replacements."""
     g = proto.graph
-    alias: dict[str, str] = {}
+    alias = {} if alias is None else alias
     seen: dict[bytes, list[str]] = {}
     kept = []
     outputs = {o.name for o in g.output}

@@ -14,9 +14,9 @@ below follows ``S`` through shape-only ops and replaces
   uint8 -> int32) and a product of spikes with such an int32 result (``q_s @ (k_s^T v_s)``) by an
   int32 ``MatMul``: exact integers, scaled once at the end.
 
-The neuron is never fused into a requantizing op (QLinear* outputs round half to even, the
-neurons half up): it stays ``Floor(Clip(...))`` on the float pre-activation, so the rounding
-contract is the same as in the ``qdq`` format. Depthwise convs (onnxruntime's integer depthwise
+The neuron stays ``Floor(Clip(...))`` (half up) on the float pre-activation, except where it
+follows an integer conv and :mod:`.requant` finds an exact ``QLinearConv`` for the pair (its
+half-to-even requantization then never meets a tie: docs/method.md §7). Depthwise convs (onnxruntime's integer depthwise
 kernel is not faster), k x k convs with few output channels (``MIN_WINDOW_COUT``) and layers fed
 by real values (pixels, the output of another conv) stay float; their packed weights are widened
 by ``Mul(Cast(w), scale)``, which onnxruntime folds once at load.
@@ -31,8 +31,9 @@ import torch.nn as nn
 
 from ..neurons import AffineMultiSpike, Neuron
 from .folding import ExportNeuron, QWeight, export_module
-from .graph import (_compact, _dedupe, _drop_dead, constant_values, node_attr, packed_tensor, static_shapes,
-                    storage_bits)
+from .graph import (Peephole, _compact, _dedupe, _drop_dead, constant_values, node_attr, packed_tensor,
+                    static_shapes, storage_bits)
+from .requant import ConvSite, fuse_neurons
 
 MS_DOMAIN = "com.microsoft"
 # A k x k (or strided) conv gathers its windows first (im2col): k*k bytes per input element written
@@ -120,6 +121,8 @@ class _Rewriter:
         self.new_inits: list = []
         self.done: dict[str, str] = {}        # parameter name -> how it runs
         self.skipped: dict[str, str] = {}     # parameter name -> why it stays float
+        self.sites: dict[str, ConvSite] = {}   # integer weight tensor -> its conv (for fuse_neurons)
+        self.levels: dict[str, int] = {}       # uint8 spike tensor -> its largest count
         self.products = 0
         self.gemms = 0                        # MatMulIntegerToFloat nodes (q/k/v share one)
         self.counts: dict[str, int] = {}      # stored integer weights per storage type
@@ -309,13 +312,18 @@ class _Rewriter:
         if sibs:
             self.fused_pointwise(sibs, t, c, nd)
             return True
+        x = t
         if windows:
             t = self.im2col(t, spatial, k, pads, strides, int(ints.shape[1]))
         b = ints.permute(*range(2, nd + 2), 1, 0).reshape(-1, ints.shape[0]).numpy()
         bias = n.input[2] if len(n.input) > 2 else ""
-        y = self.int_matmul(t, b, c, qw, bias, self.name("y"))
-        self.emit("Transpose", [y], n.output[0], perm=[0, nd + 1, *range(1, nd + 1)])
+        w = self.int_weight(b, qw.bits)
+        y = self.emit_matmul(t, w, c, qw.scale.float().numpy(), bias, self.name("y"))
         out_spatial = (self.shapes.get(n.output[0]) or [None])[2:]
+        if nd in (1, 2) and len(spatial) == len(out_spatial) == nd and None not in (*spatial, *out_spatial):
+            self.sites[w] = ConvSite(x, ints.numpy(), pads, strides, tuple(spatial), tuple(out_spatial),
+                                     self.levels.get(u, 255), storage_bits(qw.bits, self.int2))
+        self.emit("Transpose", [y], n.output[0], perm=[0, nd + 1, *range(1, nd + 1)])
         if len(out_spatial) == nd and None not in out_spatial:
             self.cl[n.output[0]] = (y, int(ints.shape[0]), tuple(out_spatial))
         self.done[pname] = f"conv {'x'.join(map(str, k))}" + (" (im2col)" if windows else "")
@@ -405,6 +413,20 @@ class _Rewriter:
         self.emit("Reshape", [t, target], u)
         return True
 
+    def neuron_levels(self, cast) -> int:
+        """The ``D`` of the neuron whose count ``cast`` turns into uint8 (the upper bound of the
+        ``Clip`` a few nodes up); 255 when the graph does not show it."""
+        name = cast.input[0]
+        for _ in range(4):
+            n = self.producer.get(name)
+            if n is None:
+                break
+            if n.op_type == "Clip" and len(n.input) == 3:
+                hi = self.scalar(n.input[2])
+                return int(hi) if hi is not None and 0 < hi <= 255 else 255
+            name = n.input[0]
+        return 255
+
     # -- the walk ------------------------------------------------------------------------------
     def follow(self, n) -> bool:
         """Record integer views of ``n``'s output; True when ``n`` was replaced."""
@@ -412,6 +434,7 @@ class _Rewriter:
         self.layout(n)
         if n.op_type == "Cast" and node_attr(n, "to", 0) == 2:
             self.u8.add(n.output[0])
+            self.levels[n.output[0]] = self.neuron_levels(n)
             if n.output[0] in self.cl:
                 return self.spikes_from_twin(n.output[0])
         elif n.op_type == "Cast" and node_attr(n, "to", 0) == 1 and ins and ins[0] in self.u8:
@@ -430,6 +453,8 @@ class _Rewriter:
             self.nodes.append(helper.make_node(n.op_type, [t, *n.input[1:]], [out], **{
                 a.name: helper.get_attribute_value(a) for a in n.attribute}))
             self.alt[n.output[0]] = (out, s, kind)
+            if t in self.levels:
+                self.levels[out] = self.levels[t]
             self.layout(self.nodes[-1], shape_of=n.output[0])
         elif ins and ins[0] in self.alt:
             if n.op_type == "Conv":
@@ -444,6 +469,7 @@ class _Rewriter:
         self.u8: set[str] = set()
         self.fused: set[str] = set()
         self.readers_of: dict[str, list] = {}
+        self.producer = {o: n for n in self.g.node for o in n.output}
         for n in self.g.node:
             if n.op_type == "Conv" and n.input[1] in self.weight_of:
                 self.readers_of.setdefault(n.input[0], []).append(n)
@@ -474,7 +500,7 @@ def rewrite_integer(proto, registry: dict[str, QWeight], int2: bool) -> dict:
     return {"integer_layers": len(rw.done), "integer_gemms": rw.gemms, "weight_layers": len(registry),
             "integer_products": rw.products,
             "integer_kinds": kinds, "float_layer_reasons": reasons, "initializers": rw.counts,
-            "remaining": {p: qw for p, qw in registry.items() if p not in rw.done}}
+            "remaining": {p: qw for p, qw in registry.items() if p not in rw.done}, "sites": rw.sites}
 
 
 def foldable_dequant(proto) -> int:
@@ -525,48 +551,12 @@ def _share_small_initializers(proto, max_bytes: int = 64) -> None:
         n.input[:] = [alias.get(i, i) for i in n.input]
 
 
-class _Peephole:
-    """Producers, consumers and scalar constants of a finished graph, for local rewrites."""
-
-    def __init__(self, proto):
-        self.g = proto.graph
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.readers: dict[str, int] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.readers[i] = self.readers.get(i, 0) + 1
-        for o in self.g.output:
-            self.readers[o.name] = self.readers.get(o.name, 0) + 1
-        self.values = constant_values(self.g)
-
-    def scalar(self, name: str) -> float | None:
-        from onnx import numpy_helper
-
-        arr = self.values.get(name)
-        if arr is None and name in self.inits:
-            arr = numpy_helper.to_array(self.inits[name])
-        return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 and arr.dtype.kind == "f" else None
-
-    def only_reader(self, name: str, op: str):
-        """The node producing ``name`` when it is an ``op`` and ``name`` has exactly one reader."""
-        n = self.producer.get(name)
-        return n if n is not None and n.op_type == op and self.readers.get(name) == 1 else None
-
-    def add_init(self, arr: np.ndarray, name: str) -> str:
-        from onnx import numpy_helper
-
-        self.g.initializer.append(numpy_helper.from_array(arr.astype(np.float32), name))
-        self.inits[name] = self.g.initializer[-1]
-        return name
-
-
 def simplify_neurons(proto) -> int:
     """``Cast(Floor(Clip(v, 0, D) + 0.5), UINT8)`` -> ``Cast(Clip(v + 0.5, 0, D), UINT8)``: the same
     spike count with one pass less. For v in [0, D] both add 0.5 to the same value; ONNX's Cast to
     an integer type truncates, which is floor on [0, D]; below 0 or above D both give 0 or D (§1:
     still half up). Returns the number of neurons rewritten."""
-    pp = _Peephole(proto)
+    pp = Peephole(proto)
     done = 0
     for cast in pp.g.node:
         if cast.op_type != "Cast" or node_attr(cast, "to", 0) != 2:
@@ -598,7 +588,7 @@ def fold_into_matmul(proto) -> int:
     the activations. Returns the number of folded nodes."""
     from onnx import numpy_helper
 
-    pp = _Peephole(proto)
+    pp = Peephole(proto)
     arr = lambda name: numpy_helper.to_array(pp.inits[name]).astype(np.float32)  # noqa: E731
     drop, done = set(), 0
     for k, n in enumerate(pp.g.node):
@@ -644,7 +634,7 @@ def fold_into_conv(proto) -> int:
     at load, so ``c`` joins ``scale`` and the activations skip one pass. Returns the count."""
     from onnx import numpy_helper
 
-    pp = _Peephole(proto)
+    pp = Peephole(proto)
     position = {o: k for k, n in enumerate(pp.g.node) for o in n.output}
     drop, done = set(), 0
     for conv in pp.g.node:
@@ -669,25 +659,29 @@ def fold_into_conv(proto) -> int:
     return done
 
 
-def finish_integer_graph(proto, opset: int) -> None:
+def finish_integer_graph(proto, opset: int, sites: dict[str, ConvSite] | None = None) -> int:
     """After the rewrite: drop what the integer layers replaced, merge duplicates (the q/k/v
-    branches read the same spikes), shorter neurons folded into the integer layers before them,
-    short names, and the opsets (standard + com.microsoft)."""
+    branches read the same spikes), shorter neurons folded into the integer layers before them
+    (and into a requantizing ``QLinearConv`` where exact: ``requant.py``), short names, and the
+    opsets (standard + com.microsoft). Returns the number of layers that write uint8 spikes."""
     import onnx
 
     foldable_dequant(proto)
     _share_small_initializers(proto)
     _drop_dead(proto)
-    _dedupe(proto)
+    alias: dict[str, str] = {}
+    _dedupe(proto, alias)
     _drop_dead(proto)
     simplify_neurons(proto)
     fold_into_matmul(proto)
+    fused = fuse_neurons(proto, sites or {}, alias)
     fold_into_conv(proto)
     _drop_dead(proto)
     _compact(proto)
     del proto.opset_import[:]
     proto.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS_DOMAIN, 1)])
     proto.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
+    return fused
 
 
 __all__ = ["IntExportNeuron", "integer_module", "rewrite_integer", "finish_integer_graph", "MS_DOMAIN"]
