@@ -178,9 +178,10 @@ def _qlinear_conv(pp: Peephole, site: ConvSite, r: Requant, out: str, tag: str) 
     w.CopyFrom(packed_tensor(f"{tag}_w", w4, site.sbits))
     i32, i8 = 6, 3   # TensorProto.INT32, INT8
     add = pp.add_init
-    factor = add(r.factor.reshape(-1, 1, 1, 1), f"{tag}_m", np.int32)
+    factor = add(r.factor.reshape(-1, 1, 1, 1), f"{tag}_m", np.int16)   # |m| <= 127
     nodes = [helper.make_node("Cast", [w.name], [f"{tag}_w32"], to=i32),
-             helper.make_node("Mul", [f"{tag}_w32", factor], [f"{tag}_wm"]),
+             helper.make_node("Cast", [factor], [f"{tag}_m32"], to=i32),
+             helper.make_node("Mul", [f"{tag}_w32", f"{tag}_m32"], [f"{tag}_wm"]),
              helper.make_node("Cast", [f"{tag}_wm"], [f"{tag}_w8"], to=i8)]
     x = site.x
     if nd == 1:
