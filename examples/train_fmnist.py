@@ -159,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["snn", "ann"], default=None)
     ap.add_argument("--data", default="fashion-mnist", help="fashion-mnist or fashion-mnist:DIR")
-    ap.add_argument("--epochs", type=int, default=14)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--wd", type=float, default=0.02)
@@ -176,7 +176,7 @@ def main() -> None:
                     help="stop early: save the best epoch of the checkpoint in --ckpt-dir (no more training)")
     ap.add_argument("--ann-init", choices=["snn", "scratch"], default="snn",
                     help="the counterpart ANN starts from the trained SNN (default) or from scratch")
-    ap.add_argument("--ann-epochs", type=int, default=3, help="ANN epochs when it starts from the SNN")
+    ap.add_argument("--ann-epochs", type=int, default=2, help="ANN epochs when it starts from the SNN")
     ap.add_argument("--ann-lr", type=float, default=1e-3, help="ANN learning rate when it starts from the SNN")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
