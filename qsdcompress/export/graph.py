@@ -320,6 +320,16 @@ def _strip_default_attributes(proto) -> None:
         n.attribute.extend(keep)
 
 
+def scalar_value(name: str, values: dict[str, np.ndarray], inits: dict) -> float | None:
+    """The float scalar held by a Constant output (``values``) or an initializer, else None."""
+    from onnx import numpy_helper
+
+    arr = values.get(name)
+    if arr is None and name in inits:
+        arr = numpy_helper.to_array(inits[name])
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 and arr.dtype.kind == "f" else None
+
+
 class Peephole:
     """Producers, consumers and scalar constants of a finished graph, for local rewrites."""
 
@@ -327,21 +337,17 @@ class Peephole:
         self.g = proto.graph
         self.inits = {t.name: t for t in self.g.initializer}
         self.producer = {o: n for n in self.g.node for o in n.output}
-        self.readers: dict[str, int] = {}
+        self.consumers: dict[str, list] = {}     # tensor -> the nodes reading it
         for n in self.g.node:
             for i in n.input:
-                self.readers[i] = self.readers.get(i, 0) + 1
+                self.consumers.setdefault(i, []).append(n)
+        self.readers = {name: len(ns) for name, ns in self.consumers.items()}   # graph outputs count too
         for o in self.g.output:
             self.readers[o.name] = self.readers.get(o.name, 0) + 1
         self.values = constant_values(self.g)
 
     def scalar(self, name: str) -> float | None:
-        from onnx import numpy_helper
-
-        arr = self.values.get(name)
-        if arr is None and name in self.inits:
-            arr = numpy_helper.to_array(self.inits[name])
-        return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 and arr.dtype.kind == "f" else None
+        return scalar_value(name, self.values, self.inits)
 
     def only_reader(self, name: str, op: str):
         """The node producing ``name`` when it is an ``op`` and ``name`` has exactly one reader."""
@@ -354,6 +360,10 @@ class Peephole:
         self.g.initializer.append(numpy_helper.from_array(np.asarray(arr).astype(dtype), name))
         self.inits[name] = self.g.initializer[-1]
         return name
+
+    def shared_init(self, arr: np.ndarray, name: str, dtype: Any = np.float32) -> str:
+        """``name``, added once: a constant every rewrite of a kind reads (zero points, bounds)."""
+        return name if name in self.inits else self.add_init(arr, name, dtype)
 
 
 def _dedupe(proto, alias: dict[str, str] | None = None) -> int:

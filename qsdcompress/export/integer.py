@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..neurons import AffineMultiSpike, Neuron
 from .folding import ExportNeuron, QWeight, export_module
 from .graph import (Peephole, _compact, _dedupe, _drop_dead, constant_values, node_attr, packed_tensor,
-                    static_shapes, storage_bits)
+                    scalar_value, static_shapes, storage_bits)
 from .requant import ConvSite, fuse_neurons
 
 MS_DOMAIN = "com.microsoft"
@@ -148,15 +148,7 @@ class _Rewriter:
         return name
 
     def scalar(self, name: str) -> float | None:
-        from onnx import numpy_helper
-
-        if name in self.consts:
-            arr = self.consts[name]
-        elif name in self.inits:
-            arr = numpy_helper.to_array(self.inits[name])
-        else:
-            return None
-        return float(arr.reshape(-1)[0]) if arr.size == 1 and arr.dtype.kind == "f" else None
+        return scalar_value(name, self.consts, self.inits)
 
     def emit(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
         from onnx import helper

@@ -18,7 +18,7 @@ some channel has none keeps the unfused form.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -188,9 +188,9 @@ def _qlinear_conv(pp: Peephole, site: ConvSite, r: Requant, out: str, tag: str) 
         shape = add(np.array([-1, site.spatial[0], 1, cin]), f"{tag}_s4", np.int64)
         nodes.append(helper.make_node("Reshape", [x, shape], [f"{tag}_x4"]))
         x = f"{tag}_x4"
-    one = "rq_one" if "rq_one" in pp.inits else add(np.array(1.0), "rq_one")
-    zero_u8 = "rq_zero" if "rq_zero" in pp.inits else add(np.array(0), "rq_zero", np.uint8)
-    wz = "rq_wzero" if "rq_wzero" in pp.inits else add(np.array(0), "rq_wzero", np.int8)
+    one = pp.shared_init(np.array(1.0), "rq_one")
+    zero_u8 = pp.shared_init(np.array(0), "rq_zero", np.uint8)
+    wz = pp.shared_init(np.array(0), "rq_wzero", np.int8)
     inputs = [f"{tag}_xc", one, zero_u8, f"{tag}_w8", add(r.scale, f"{tag}_ws"),
               wz, one, zero_u8, add(r.bias, f"{tag}_b", np.int32)]
     nodes += [helper.make_node("Transpose", [x], [f"{tag}_xc"], perm=[0, 3, 1, 2]),
@@ -211,22 +211,19 @@ def fuse_neurons(proto, sites: dict[str, ConvSite], alias: dict[str, str]) -> in
     from onnx import helper, numpy_helper
 
     pp = Peephole(proto)
-    sites = {_resolve(w, alias): site for w, site in sites.items()}
-    have = {o for n in pp.g.node for o in n.output} | {i.name for i in pp.g.input} | set(pp.inits)
-    replace: dict[int, list] = {}
+    # names as they are after the merges of duplicate nodes
+    sites = {_resolve(w, alias): replace(site, x=_resolve(site.x, alias)) for w, site in sites.items()}
+    have = set(pp.producer) | {i.name for i in pp.g.input} | set(pp.inits)
+    fused: dict[int, list] = {}
     drop: set[int] = set()
     position = {id(n): k for k, n in enumerate(pp.g.node)}
-    readers: dict[str, list] = {}
-    for n in pp.g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
     rename: dict[str, str] = {}
     for clip in list(pp.g.node):
         if clip.op_type != "Clip" or len(clip.input) != 3 or pp.scalar(clip.input[1]) != 0.0 \
                 or pp.scalar(clip.input[2]) is None:
             continue
         # the clipped value is read as uint8 counts (Cast) or as float counts (Floor) only
-        outs = readers.get(clip.output[0], [])
+        outs = pp.consumers.get(clip.output[0], [])
         casts = [n for n in outs if n.op_type == "Cast" and node_attr(n, "to", 0) == 2]
         floors = [n for n in outs if n.op_type == "Floor"]
         if not casts or len(casts) + len(floors) != len(outs) or pp.readers.get(clip.output[0]) != len(outs):
@@ -237,7 +234,7 @@ def fuse_neurons(proto, sites: dict[str, ConvSite], alias: dict[str, str]) -> in
             v = pp.producer[v].input[0]
         mm = pp.only_reader(v, "MatMulIntegerToFloat")
         site = sites.get(mm.input[1]) if mm is not None else None
-        if mm is None or site is None or levels != int(levels) or _resolve(site.x, alias) not in have:
+        if mm is None or site is None or levels != int(levels) or site.x not in have:
             continue
         if len(mm.input) < 4 or any(i not in pp.inits for i in mm.input[2:4]) or (
                 len(mm.input) > 6 and mm.input[6] and mm.input[6] not in pp.inits):
@@ -246,15 +243,13 @@ def fuse_neurons(proto, sites: dict[str, ConvSite], alias: dict[str, str]) -> in
         scale = arr(mm.input[3]).reshape(-1)
         A = (np.float32(arr(mm.input[2]).reshape(-1)[0]) * scale).astype(np.float32)
         B = arr(mm.input[6]).reshape(-1) if len(mm.input) > 6 and mm.input[6] else np.zeros_like(A)
-        r = requant_params(site.ints.reshape(site.ints.shape[0], -1), A, B, int(levels), site.in_max)
+        r = requant_params(site.ints, A, B, int(levels), site.in_max)
         if r is None:
             continue
-        tag = f"{v}_rq"
-        site = ConvSite(**{**site.__dict__, "x": _resolve(site.x, alias)})
-        replace[position[id(mm)]] = _qlinear_conv(pp, site, r, v, tag)
+        fused[position[id(mm)]] = _qlinear_conv(pp, site, r, v, f"{v}_rq")
         u8 = casts[0].output[0]
         clip.op_type = "Min"
-        clip.input[:] = [clip.input[0], pp.add_init(np.array(int(levels)), f"{tag}_d", np.uint8)]
+        clip.input[:] = [clip.input[0], pp.shared_init(np.array(int(levels)), f"rq_levels{int(levels)}", np.uint8)]
         clip.output[0] = u8
         for c in casts:
             drop.add(position[id(c)])
@@ -265,8 +260,8 @@ def fuse_neurons(proto, sites: dict[str, ConvSite], alias: dict[str, str]) -> in
             f.attribute.append(helper.make_attribute("to", 1))
     nodes = []
     for k, n in enumerate(pp.g.node):
-        if k in replace:
-            nodes.extend(replace[k])
+        if k in fused:
+            nodes.extend(fused[k])
         elif k not in drop:
             n.input[:] = [rename.get(i, i) for i in n.input]
             nodes.append(n)
@@ -274,4 +269,4 @@ def fuse_neurons(proto, sites: dict[str, ConvSite], alias: dict[str, str]) -> in
         o.name = rename.get(o.name, o.name)
     del pp.g.node[:]
     pp.g.node.extend(nodes)
-    return len(replace)
+    return len(fused)
