@@ -30,7 +30,18 @@ ABLATION = {
     # ANN is weaker than the student
     "full(teacher float snn)": (dict(ie_lif="qkv"), dict(lambda_kd=1.0, lambda_fgd=1.0, teacher="float")),
     "baseline+kd(teacher float snn)": (dict(ie_lif="none"), dict(lambda_kd=1.0, lambda_fgd=0.0, teacher="float")),
+    # the cross-architecture teacher: the bundled small ViT of the data (vit_digits, vit_fmnist)
+    "full(teacher vit)": (dict(ie_lif="qkv"), dict(lambda_kd=1.0, lambda_fgd=1.0, teacher="vit")),
 }
+
+
+def resolve_teacher(teacher: str, data: str) -> str:
+    """``float``: the bundled float SNN of ``data``; ``vit``: its bundled ViT; else as given."""
+    if teacher == "float":
+        return str(bundled_path(data=data))
+    if teacher == "vit":
+        return "vit_fmnist" if data.split(":", 1)[0] == "fashion-mnist" else "vit_digits"
+    return teacher
 
 
 @torch.no_grad()
@@ -55,8 +66,7 @@ def one_run(float_model: nn.Module, data: str, bits: int, convert_opts: dict, se
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     model = convert(float_model, QuantConfig(bits=bits, calib_data=data, **convert_opts))
-    teacher = ft.pop("teacher", "ann")
-    teacher = str(bundled_path(data=data)) if teacher == "float" else teacher
+    teacher = resolve_teacher(ft.pop("teacher", "ann"), data)
     with tempfile.TemporaryDirectory() as d:
         r = finetune(model, teacher=teacher, data=data, workdir=d, seed=seed, **ft)
         out = {"bits": bits, **convert_opts, "seed": seed, **ft, "teacher": teacher,

@@ -393,7 +393,7 @@ def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML/JSON file of options (e.g. recipes/digits-tiny-w4.yaml); the command line wins.")
 @click.option("--teacher", default="ann", show_default=True,
-              help="ann (counterpart ANN), vit_digits (bundled ViT), a timm name or alias "
+              help="ann (counterpart ANN), vit_digits / vit_fmnist (bundled ViTs), a timm name or alias "
                    "(vit_base, deit_small, caformer_b36, ...) or a .qsd file.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Teacher weights (timm/HF .pth/.bin/.safetensors or .qsd); needed offline. Any image "
@@ -624,7 +624,8 @@ def report_cmd(model: str | None, data: str, split: str, batches: int, batch_siz
               help="digits (bundled, runs anywhere) or fashion-mnist[:DIR] (the real benchmark: "
                    "apt-get install dataset-fashion-mnist).")
 @click.option("--teacher", default="ann", show_default=True,
-              help="Teacher for finetuning: ann (the bundled counterpart ANN) or vit_digits.")
+              help="Teacher for finetuning: ann (the bundled counterpart ANN), vit_digits or vit_fmnist "
+                   "(the bundled ViT of that data set).")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Finetuning epochs (default: the finetune default).")
 @workdir_option
 @json_option

@@ -1,8 +1,8 @@
 """Distillation for quantization-aware finetuning (docs/method.md §5).
 
 * Teachers: the counterpart ANN of the student's topology (``ann``), any timm model by name or
-  short alias (``vit_base``, ``deit_small``, ``caformer_b36``, ...), the bundled digits ViT
-  (``vit_digits``) or a ``.qsd`` file. A teacher is frozen, in eval mode, and gets the batch
+  short alias (``vit_base``, ``deit_small``, ``caformer_b36``, ...), a bundled ViT (``vit_digits``,
+  ``vit_fmnist``) or a ``.qsd`` file. A teacher is frozen, in eval mode, and gets the batch
   re-sized and re-normalised to its own input configuration. It is never silently random: without
   weights (and offline) it is an error. A timm checkpoint of another image size, class count or
   depth is rebuilt as saved (:func:`checkpoint_model_args`) and runs at the size it was trained at.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,22 +30,51 @@ from .models import create_model, describe
 
 # --- the bundled cross-architecture teacher -------------------------------------------------------
 
-VIT_DIGITS_PATH = Path(__file__).resolve().parent / "zoo" / "vit_digits.safetensors"
-#: timm ``VisionTransformer`` arguments of the bundled digits teacher: patch 4 on 32x32 gives the
-#: same 8x8 token grid as ``qsd_tiny`` (plus a class token).
-VIT_DIGITS_ARGS: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
-                                       mlp_ratio=2.0, num_classes=10, global_pool="token")
-_VIT_DIGITS_CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-                   "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": 10}
+@dataclass(frozen=True)
+class BundledViT:
+    """A small timm ``VisionTransformer`` trained on one data set (``examples/train_vit_teacher.py``):
+    a cross-architecture teacher whose token grid matches the bundled student of that data set."""
+
+    name: str
+    data: str
+    args: dict[str, Any]
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).resolve().parent / "zoo" / f"{self.name}.safetensors"
+
+    def build(self) -> nn.Module:
+        """An untrained model of this teacher's shape."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        m = VisionTransformer(**self.args)
+        m.pretrained_cfg = {"input_size": self.input_size, "mean": self.mean, "std": self.std,
+                            "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": self.args["num_classes"]}
+        return m
+
+
+#: the bundled ViT teachers. digits: patch 4 on 32x32 gives ``qsd_tiny``'s 8x8 token grid (plus a
+#: class token); Fashion-MNIST: patch 4 on 28x28 grayscale gives ``qsd_tiny_fmnist``'s 7x7 grid.
+BUNDLED_VITS: dict[str, BundledViT] = {
+    "vit_digits": BundledViT(
+        "vit_digits", "digits", dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
+                                     num_classes=10, global_pool="token"),
+        (3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "vit_fmnist": BundledViT(
+        "vit_fmnist", "fashion-mnist", dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_heads=4,
+                                            mlp_ratio=2.0, num_classes=10, global_pool="token"),
+        (1, 28, 28), (0.286,), (0.353,)),
+}
+VIT_DIGITS_PATH = BUNDLED_VITS["vit_digits"].path
+VIT_DIGITS_ARGS = BUNDLED_VITS["vit_digits"].args
 
 
 def build_vit_digits() -> nn.Module:
     """An untrained timm VisionTransformer with the bundled digits teacher's shape."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    m = VisionTransformer(**VIT_DIGITS_ARGS)
-    m.pretrained_cfg = dict(_VIT_DIGITS_CFG)
-    return m
+    return BUNDLED_VITS["vit_digits"].build()
 
 
 #: short names for common timm teachers
@@ -302,7 +332,7 @@ def resolve_teacher_name(name: str) -> str:
     base = full.split(".")[0]
     if timm.is_model(base) or timm.is_model(full):
         return full
-    choices = [*TEACHER_ALIASES, "ann", "vit_digits"]
+    choices = [*TEACHER_ALIASES, "ann", *BUNDLED_VITS]
     close = difflib.get_close_matches(name, choices + timm.list_models(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; try one of {', '.join(choices)}"
     raise QsdError(f"unknown teacher {name!r}{hint}")
@@ -443,24 +473,30 @@ def _cached_pretrained(full: str, **kwargs: Any) -> nn.Module:
                    f"cache; pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
 
 
-def vit_digits_teacher(path: str | os.PathLike | None = None) -> nn.Module:
-    """The bundled digits ViT (``examples/train_vit_teacher.py``)."""
-    path = Path(path) if path is not None else VIT_DIGITS_PATH
+def bundled_vit_teacher(name: str = "vit_digits", path: str | os.PathLike | None = None) -> nn.Module:
+    """A bundled ViT teacher (:data:`BUNDLED_VITS`), from ``path`` if given."""
+    vit = BUNDLED_VITS[name]
+    path = Path(path) if path is not None else vit.path
     if not path.exists():
-        raise QsdError(f"bundled ViT teacher missing: {path} (run examples/train_vit_teacher.py)")
-    model = build_vit_digits()
+        raise QsdError(f"bundled ViT teacher missing: {path} (run examples/train_vit_teacher.py --data {vit.data})")
+    model = vit.build()
     _load_weights(model, path, "ViT teacher")
     return model
+
+
+def vit_digits_teacher(path: str | os.PathLike | None = None) -> nn.Module:
+    """The bundled digits ViT."""
+    return bundled_vit_teacher("vit_digits", path)
 
 
 def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | None = None,
                  capture: bool = True, img_size: int | None = None) -> Teacher:
     """Build the frozen teacher named by ``spec`` for ``student``.
 
-    ``spec``: ``ann`` | ``vit_digits`` | a timm name or alias | a ``.qsd`` file. A timm teacher
-    from a checkpoint runs at the image size it was trained at (read from its position
-    embeddings; ``img_size`` overrides, resampling them); :meth:`Teacher.forward` resizes the
-    student's batch to it, and FGD resizes the teacher's token grid to the student's.
+    ``spec``: ``ann`` | a bundled ViT (``vit_digits``, ``vit_fmnist``) | a timm name or alias | a
+    ``.qsd`` file. A timm teacher from a checkpoint runs at the image size it was trained at (read
+    from its position embeddings; ``img_size`` overrides, resampling them); :meth:`Teacher.forward`
+    resizes the student's batch to it, and FGD resizes the teacher's token grid to the student's.
     """
     if spec == "ann":
         model = counterpart_ann(student, checkpoint)
@@ -469,8 +505,8 @@ def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | 
         model = load(spec)
         style = "snn" if hasattr(model, "structure") else "timm"
         return Teacher(model, str(spec), style, DataConfig.from_model(model), capture)
-    if spec == "vit_digits":
-        model = vit_digits_teacher(checkpoint)
+    if spec in BUNDLED_VITS:
+        model = bundled_vit_teacher(spec, checkpoint)
     else:
         model = timm_teacher(spec, checkpoint, num_classes=getattr(student, "num_classes", None), img_size=img_size)
     return Teacher(model, spec, "timm", timm_data_config(model, img_size), capture)
@@ -496,7 +532,8 @@ def timm_data_config(model: nn.Module, img_size: int | None = None) -> DataConfi
 
 __all__ = [
     "Teacher", "QKVCapture", "load_teacher", "counterpart_ann", "timm_teacher",
-    "vit_digits_teacher", "build_vit_digits", "resolve_teacher_name", "similarity", "layer_map",
+    "vit_digits_teacher", "build_vit_digits", "bundled_vit_teacher", "BundledViT", "BUNDLED_VITS",
+    "resolve_teacher_name", "similarity", "layer_map",
     "fgd_loss", "kd_loss", "tokens_from_spikes", "resize_tokens", "TEACHER_ALIASES", "VIT_DIGITS_PATH",
     "VIT_DIGITS_ARGS", "checkpoint_model_args", "timm_data_config",
 ]

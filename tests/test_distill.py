@@ -232,3 +232,18 @@ def test_bundled_teachers_are_trained():
         t = load_teacher(name, student)
         loader = build_loader("digits", "test", t.data_config, batch_size=180)
         assert evaluate(t.model, loader)["top1"] > 0.9, name
+
+
+def test_fmnist_vit_matches_its_student_grid(tmp_path):
+    """vit_fmnist takes the Fashion-MNIST student's input (1x28x28) and its q/k/v come on the
+    student's 7x7 token grid; a missing weights file is one clear error naming the script."""
+    from qsdcompress.distill import BUNDLED_VITS, bundled_vit_teacher
+
+    vit = BUNDLED_VITS["vit_fmnist"].build().eval()
+    student = q.create_model("qsd_tiny_fmnist").eval()
+    assert DataConfig.from_model(vit).input_size == DataConfig.from_model(student).input_size == (1, 28, 28)
+    cap = QKVCapture(vit, "timm", prefix_tokens=vit.num_prefix_tokens)
+    vit(torch.randn(2, 1, 28, 28))
+    assert cap.pop() and cap.grids[0] == (7, 7)
+    with pytest.raises(QsdError, match="train_vit_teacher.py --data fashion-mnist"):
+        bundled_vit_teacher("vit_fmnist", tmp_path / "missing.safetensors")
