@@ -125,7 +125,9 @@ def _rows(path: Path) -> list[dict]:
 
 def table(args, _fm) -> None:
     rows = _rows(Path(args.out))
-    ptq_rows = [r for r in rows if r["section"] == "ptq"]
+    seen: set[tuple] = set()   # each ptq invocation measures the float model again: show it once
+    ptq_rows = [r for r in rows if r["section"] == "ptq"
+                and not ((r["config"], r["bits"]) in seen or seen.add((r["config"], r["bits"])))]
     if ptq_rows:
         print("| bits | IE-LIF | BatchNorm | val top-1 | test top-1 |\n|---:|---|---|---:|---:|")
         for r in ptq_rows:
@@ -142,8 +144,8 @@ def table(args, _fm) -> None:
             tops = [r["top1"] * 100 for r in rs]
             ent = [r["spikes_after"]["entropy_qkv"] for r in rs if "spikes_after" in r]
             print(f"| {sec} | W{bits} | {name} | {len(rs)} | {statistics.mean(r['val_top1'] * 100 for r in rs):.2f} "
-                  f"| {statistics.mean(tops):.2f} | {statistics.stdev(tops) if len(tops) > 1 else 0:.2f} "
-                  f"| {statistics.mean(ent) if ent else float('nan'):.3f} "
+                  f"| {statistics.mean(tops):.2f} | {f'{statistics.stdev(tops):.2f}' if len(tops) > 1 else '-'} "
+                  f"| {f'{statistics.mean(ent):.3f}' if ent else '-'} "
                   f"| {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
     diag = [r for r in rows if r["section"] == "diagnosis"]
     if diag:
