@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import qsdcompress as q
 from qsdcompress.data import DataConfig, build_loader, first_samples
+from qsdcompress.distill import BUNDLED_VITS
 from qsdcompress.quant import QuantConfig, convert
 from qsdcompress.report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from qsdcompress.train import finetune
@@ -40,7 +41,7 @@ def resolve_teacher(teacher: str, data: str) -> str:
     if teacher == "float":
         return str(bundled_path(data=data))
     if teacher == "vit":
-        return "vit_fmnist" if data.split(":", 1)[0] == "fashion-mnist" else "vit_digits"
+        return next(name for name, vit in BUNDLED_VITS.items() if vit.data == data.split(":", 1)[0])
     return teacher
 
 

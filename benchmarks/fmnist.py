@@ -125,9 +125,10 @@ def _rows(path: Path) -> list[dict]:
 
 def table(args, _fm) -> None:
     rows = _rows(Path(args.out))
-    seen: set[tuple] = set()   # each ptq invocation measures the float model again: show it once
-    ptq_rows = [r for r in rows if r["section"] == "ptq"
-                and not ((r["config"], r["bits"]) in seen or seen.add((r["config"], r["bits"])))]
+    ptq_rows = [r for r in rows if r["section"] == "ptq"]
+    floats = [r for r in ptq_rows if r["config"] == "float"]
+    # each ptq invocation measures the float model again: show it once
+    ptq_rows = [r for r in ptq_rows if r["config"] != "float" or r is floats[0]]
     if ptq_rows:
         print("| bits | IE-LIF | BatchNorm | val top-1 | test top-1 |\n|---:|---|---|---:|---:|")
         for r in ptq_rows:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import qsdcompress as q
-from qsdcompress.data import DataConfig, build_dataset, random_shift
+from qsdcompress.data import DataConfig, build_dataset, random_hflip, random_shift
 from qsdcompress.io import read_checkpoint
 from qsdcompress.metrics import evaluate
 from qsdcompress.train import save_checkpoint
@@ -67,10 +67,7 @@ def ablation(model: torch.nn.Module, loaders: dict[str, DataLoader]) -> dict:
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    x = random_shift(x, g, max_shift=2)
-    flip = torch.rand(x.shape[0], generator=g) < 0.5
-    x[flip] = x[flip].flip(-1)
-    return x
+    return random_hflip(random_shift(x, g, max_shift=2), g)
 
 
 def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
@@ -81,16 +78,16 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
                                    ("embed_dim", a.embed_dim), ("attn_scale", a.attn_scale)) if v is not None}
     # channels-last: the same results, and mkldnn's convolutions train about 1.4x faster on CPU
     model = q.create_model(ARCH, ann=ann, **overrides).to(memory_format=torch.channels_last)
-    from_snn = (ann and a.ann_init == "snn") or (not ann and a.restart)
+    restart = not ann and a.restart
+    from_snn = (ann and a.ann_init == "snn") or restart
     epochs, lr = (a.ann_epochs, a.ann_lr) if ann and from_snn else (a.epochs, a.lr)
-    previous = None
     if from_snn:
         # the counterpart ANN has the SNN's parameters: start from the trained SNN, a few epochs
         # instead of a full schedule; an SNN restart is a second cosine cycle from it
-        snn = q.load(FMNIST_SNN)
-        model.load_state_dict(snn.state_dict())
-        previous = read_checkpoint(FMNIST_SNN)[1].get("training")
+        model.load_state_dict(q.load(FMNIST_SNN).state_dict())
         print(f"{tag}: initialised from {FMNIST_SNN.name}; {epochs} epochs at lr {lr:g}", flush=True)
+    # a restart records the stage it continues, so the whole recipe stays in the file
+    previous = read_checkpoint(FMNIST_SNN)[1].get("training") if restart else None
     cfg = DataConfig.from_model(model)
     train_ds = build_dataset(a.data, "train", cfg)
     if a.subset:
@@ -108,9 +105,6 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ckpt = Path(a.ckpt_dir) / f"{ARCH}_{tag}.pt"
     start, best, history, seconds = 0, {"val_top1": -1.0, "epoch": 0, "state": None}, [], 0.0
-    if not ann and a.restart:  # the starting point is epoch 0: never worse than the input on val
-        r0 = evaluate(model, loaders["val"], description=f"{tag} epoch 0 val")
-        best = {"val_top1": r0["top1"], "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     if (a.resume or a.finish) and ckpt.is_file():
         s = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(s["model"])
@@ -123,6 +117,9 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
         print(f"{tag}: resumed after epoch {start} from {ckpt}", flush=True)
     if a.finish and not start:
         raise SystemExit(f"--finish needs a checkpoint: none at {ckpt}")
+    if restart and not start:  # the starting point is epoch 0: never worse than the input on val
+        r0 = evaluate(model, loaders["val"], description=f"{tag} epoch 0 val")
+        best = {"val_top1": r0["top1"], "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     t0 = time.time() - seconds
     for ep in range(start, start if a.finish else epochs):
         model.train()
@@ -160,7 +157,7 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
         q.save(model, out, kind="float", training={
             "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, "epochs": epochs,
             "epochs_done": len(history), "init": f"trained SNN ({FMNIST_SNN.name})" if from_snn else "random",
-            "previous_stage": previous if not ann else None,
+            "previous_stage": previous,
             "best_epoch": best["epoch"], "lr": lr, "batch_size": a.batch_size, "weight_decay": a.wd,
             "label_smoothing": a.smoothing, "overrides": overrides, "augment": "random shift 2 px + horizontal flip",
             "val_top1": val, "test_top1": test, "seconds": seconds, "threads": a.threads,

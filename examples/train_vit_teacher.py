@@ -18,17 +18,28 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from qsdcompress.data import DataConfig, build_loader, random_shift
+from qsdcompress.data import DataConfig, build_loader, random_hflip, random_shift
 from qsdcompress.distill import BUNDLED_VITS
 from qsdcompress.io import atomic_path, package_versions
 from qsdcompress.metrics import evaluate
 
-#: per data set: teacher, epochs, batch size, label smoothing, horizontal flips
-RECIPES = {"digits": ("vit_digits", 60, 64, 0.05, False), "fashion-mnist": ("vit_fmnist", 15, 128, 0.1, True)}
+
+class Recipe(NamedTuple):
+    teacher: str
+    epochs: int
+    warmup_epochs: int
+    batch_size: int
+    label_smoothing: float
+    flips: bool          # random horizontal flips beside the random shifts
+
+
+RECIPES = {"digits": Recipe("vit_digits", 60, 3, 64, 0.05, False),
+           "fashion-mnist": Recipe("vit_fmnist", 15, 1, 128, 0.1, True)}
 
 
 def main() -> None:
@@ -40,23 +51,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="default: the bundled teacher's file")
     a = ap.parse_args()
-    name, epochs, batch, smoothing, flips = RECIPES[a.data]
-    epochs = a.epochs or epochs
-    vit = BUNDLED_VITS[name]
+    rec = RECIPES[a.data]
+    epochs = a.epochs or rec.epochs
+    vit = BUNDLED_VITS[rec.teacher]
     out = a.out or vit.path
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     g = torch.Generator().manual_seed(a.seed)
     model = vit.build()
     cfg = DataConfig.from_model(model)
-    train_loader = build_loader(a.data, "train", cfg, batch_size=batch, seed=a.seed)
+    train_loader = build_loader(a.data, "train", cfg, batch_size=rec.batch_size, seed=a.seed)
     val_loader, test_loader = (build_loader(a.data, s, cfg, batch_size=500) for s in ("val", "test"))
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
     steps = epochs * len(train_loader)
-    warm = min(3, epochs) * len(train_loader) if a.data == "digits" else len(train_loader)
+    warm = min(rec.warmup_epochs, epochs) * len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     t0 = time.time()
@@ -65,10 +76,9 @@ def main() -> None:
         model.train()
         for x, y in train_loader:
             x = random_shift(x, g)
-            if flips:
-                flip = torch.rand(x.shape[0], generator=g) < 0.5
-                x[flip] = x[flip].flip(-1)
-            loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
+            if rec.flips:
+                x = random_hflip(x, g)
+            loss = F.cross_entropy(model(x), y, label_smoothing=rec.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -82,10 +92,12 @@ def main() -> None:
     test = evaluate(model, test_loader, description="test")["top1"]
     from safetensors.torch import save_file
 
-    meta = {"kind": "timm_teacher", "timm_model": name, "model_args": vit.args, "versions": package_versions(),
+    meta = {"kind": "timm_teacher", "timm_model": rec.teacher, "model_args": vit.args,
+            "versions": package_versions(),
             "training": {"script": "examples/train_vit_teacher.py", "seed": a.seed, "epochs": epochs,
-                         "lr": a.lr, "batch_size": batch, "label_smoothing": smoothing, "data": a.data,
-                         "augment": "random shift 2 px" + (" + horizontal flip" if flips else ""),
+                         "warmup_epochs": rec.warmup_epochs, "lr": a.lr, "batch_size": rec.batch_size,
+                         "label_smoothing": rec.label_smoothing, "data": a.data,
+                         "augment": "random shift 2 px" + (" + horizontal flip" if rec.flips else ""),
                          "val_top1": val, "test_top1": test, "threads": a.threads,
                          "seconds": round(time.time() - t0, 1)}}
     with atomic_path(out) as tmp:

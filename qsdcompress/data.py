@@ -417,8 +417,16 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2
     return out
 
 
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2 (in place; returns ``x``): with
+    :func:`random_shift`, the augmentation the bundled Fashion-MNIST models were trained with."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
 __all__: Sequence[str] = [
     "DataConfig", "build_dataset", "build_loader", "digits_dataset", "synthetic_dataset",
-    "resize_batch", "num_classes_of", "random_shift", "read_idx", "idx_dataset", "stratified_holdout",
+    "resize_batch", "num_classes_of", "random_shift", "random_hflip", "read_idx", "idx_dataset", "stratified_holdout",
     "to_model_input", "first_samples",
 ]

@@ -295,3 +295,15 @@ def test_first_samples_cuts_the_last_batch_and_keeps_the_batch_form():
     plain = first_samples([x[:4], x[4:8], x[8:]], 9)
     assert [len(b) for b in plain] == [4, 4, 1] and torch.equal(torch.cat(plain), x[:9])
     assert first_samples([x], 0) == [] and len(first_samples([x], 50)) == 1
+
+
+def test_random_hflip_mirrors_the_images_its_draws_pick():
+    from qsdcompress.data import random_hflip
+
+    x = torch.arange(4 * 1 * 2 * 3, dtype=torch.float32).reshape(4, 1, 2, 3)
+    pick = torch.rand(4, generator=torch.Generator().manual_seed(5)) < 0.5
+    out = random_hflip(x.clone(), torch.Generator().manual_seed(5))
+    for i in range(4):   # reference: reverse the columns of the picked images by index
+        expect = x[i][..., [2, 1, 0]] if pick[i] else x[i]
+        assert torch.equal(out[i], expect)
+    assert 0 < int(pick.sum()) < 4   # the seed exercises both cases

@@ -239,7 +239,7 @@ def fuse_neurons(proto, sites: dict[str, ConvSite], alias: dict[str, str]) -> in
         if len(mm.input) < 4 or any(i not in pp.inits for i in mm.input[2:4]) or (
                 len(mm.input) > 6 and mm.input[6] and mm.input[6] not in pp.inits):
             continue
-        arr = lambda name: numpy_helper.to_array(pp.inits[name]).astype(np.float32)
+        arr = lambda name: numpy_helper.to_array(pp.inits[name]).astype(np.float32)  # noqa: E731
         scale = arr(mm.input[3]).reshape(-1)
         A = (np.float32(arr(mm.input[2]).reshape(-1)[0]) * scale).astype(np.float32)
         B = arr(mm.input[6]).reshape(-1) if len(mm.input) > 6 and mm.input[6] else np.zeros_like(A)
