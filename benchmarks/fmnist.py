@@ -134,19 +134,24 @@ def table(args, _fm) -> None:
         for r in ptq_rows:
             ie, bn = r.get("ie_lif", "-"), {True: "re-estimated", False: "float"}.get(r.get("reestimate_bn"), "-")
             print(f"| {r['bits']} | {ie} | {bn} | {r['val_top1'] * 100:.2f} | {r['top1'] * 100:.2f} |")
-    groups: dict[tuple, list[dict]] = {}
+    # `qat` and `ablation` runs are the same protocol (one_run): grouped by width and configuration;
+    # a (width, configuration, seed) measured twice counts once, the later line
+    runs: dict[tuple, dict] = {}
     for r in rows:
         if r["section"] in ("qat", "ablation"):
-            groups.setdefault((r["section"], r["bits"], r["config"]), []).append(r)
+            runs[(r["bits"], r["config"], r["seed"])] = r
+    groups: dict[tuple, list[dict]] = {}
+    for (bits, name, _seed), r in sorted(runs.items(), key=lambda kv: kv[0]):
+        groups.setdefault((bits, name), []).append(r)
     if groups:
-        print("\n| section | bits | config | seeds | val top-1 | test top-1 mean | spread (std) | q/k/v entropy "
-              "| CPU s/run |\n|---|---:|---|---:|---:|---:|---:|---:|---:|")
-        for (sec, bits, name), rs in groups.items():
+        print("\n| bits | config | seeds | val top-1 mean | test top-1 mean | spread (std) | min - max | q/k/v entropy "
+              "| CPU s/run |\n|---:|---|---:|---:|---:|---:|---|---:|---:|")
+        for (bits, name), rs in groups.items():
             tops = [r["top1"] * 100 for r in rs]
             ent = [r["spikes_after"]["entropy_qkv"] for r in rs if "spikes_after" in r]
-            print(f"| {sec} | W{bits} | {name} | {len(rs)} | {statistics.mean(r['val_top1'] * 100 for r in rs):.2f} "
+            print(f"| W{bits} | {name} | {len(rs)} | {statistics.mean(r['val_top1'] * 100 for r in rs):.2f} "
                   f"| {statistics.mean(tops):.2f} | {f'{statistics.stdev(tops):.2f}' if len(tops) > 1 else '-'} "
-                  f"| {f'{statistics.mean(ent):.3f}' if ent else '-'} "
+                  f"| {min(tops):.2f} - {max(tops):.2f} | {f'{statistics.mean(ent):.3f}' if ent else '-'} "
                   f"| {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
     diag = [r for r in rows if r["section"] == "diagnosis"]
     if diag:

@@ -5,7 +5,8 @@ Models: the bundled digits model (32 px) and ``qsd_8_256`` / ``qsd_8_512`` at 22
 models have random weights (timing does not depend on the values) with non-trivial BatchNorm
 statistics and layer scales near 1, so their spikes are neither all zero nor all saturated.
 Every export passes the usual parity check against PyTorch. Median of the repeats after one
-warm-up; batch 32 uses a quarter of the repeats (at least one).
+warm-up; batch 32 uses a quarter of the repeats (at least one). onnxruntime's thread spinning is
+off for every session (see ``_session``).
 
     python benchmarks/onnx_latency.py [--threads 2] [--repeats 10] [--big-repeats 3]
         [--models bundled qsd_8_256 qsd_8_512] [--eager-b32 bundled qsd_8_256] [--cpu-time]
@@ -48,8 +49,10 @@ def _session(path: Path, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if CLOCK is time.process_time:   # a spinning thread would count as work
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # no spinning: the sessions live side by side in one process, and the worker threads of an idle
+    # one would spin on the cores the timed one needs (measured: with spinning every format took up
+    # to 2x longer at batch 1); in CPU time a spinning thread would also count as work
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -115,7 +118,7 @@ def main() -> None:
     ap.add_argument("--eager-b32", nargs="*", default=["bundled", "qsd_8_256"],
                     help="models timed in PyTorch eager at batch 32 too (minutes per run for qsd_8_512)")
     ap.add_argument("--cpu-time", action="store_true",
-                    help="process CPU time instead of wall clock (onnxruntime spinning off): on a shared "
+                    help="process CPU time instead of wall clock: on a shared "
                          "machine the work done, not what the other jobs leave over")
     a = ap.parse_args()
     global CLOCK

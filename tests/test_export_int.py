@@ -75,12 +75,34 @@ def test_parity_matrix(bits, D, ie_lif, fmt, tmp_path):
     if bits <= 4:
         assert r["requantized_layers"] >= 4
     assert r["integer_layers"] >= 10
+    # only layers fed by real values and depthwise convs stay float: every dense conv fed by spikes,
+    # however few its output channels (the MLP's 3x3 back to the stage width), is integer
+    assert all(why.startswith(("real-valued input", "depthwise")) for why in r["float_layer_reasons"])
     assert ops[("", "MatMulInteger")] == 1 and r["integer_products"] == 2
     assert r["weight_layers"] == sum(r["initializers"].values())
     # every other spike count is Cast(Clip(D*x + 0.5, 0, D), UINT8): truncation of a value >= 0 is
     # floor, so rounding stays half up
     assert _uint8_casts_after_clip_from_zero(out) + r["requantized_layers"] > 0
     assert ops[("", "QuantizeLinear")] == 0
+
+
+@pytest.mark.parametrize("exact_limit", [2 ** 24, 0])
+def test_attention_second_product_exact_in_float_or_int32(exact_limit, monkeypatch, tmp_path):
+    """``q_s @ (k_s^T v_s)``: a float MatMul of the integers while no sum can reach the limit
+    (D * D * tokens * D * head width: far below 2**24 here), an int32 MatMul beyond (the limit
+    forced to 0); both exact, so no image may differ."""
+    import qsdcompress.export.integer as integer_mod
+
+    monkeypatch.setattr(integer_mod, "FLOAT32_EXACT", exact_limit)
+    out = tmp_path / "m.onnx"
+    r = export(_model(4, 4, "qkv"), out, parity_samples=16, format="int")
+    assert r["parity_ok"] and r["images_differing"] == 0 and r["max_abs_diff_matching"] <= 1e-5
+    proto = onnx.load(str(out))
+    kinds = {o.name: o.type.tensor_type.elem_type for o in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 1 and r["integer_products"] == 2
+    want = TensorProto.FLOAT if exact_limit else TensorProto.INT32
+    assert kinds[matmuls[0].input[0]] == kinds[matmuls[0].input[1]] == want
 
 
 def _uint8_casts_after_clip_from_zero(path) -> int:

@@ -11,15 +11,16 @@ below follows ``S`` through shape-only ops and replaces
   INT4/INT2 and widened at load by ``Cast``), int32 accumulation, then
   ``out_scale * per-channel scale`` (BatchNorm and IE-LIF already folded in) plus the bias;
 * a product of two spike tensors (attention ``k_s^T @ v_s``) by ``MatMulInteger`` (uint8 x
-  uint8 -> int32) and a product of spikes with such an int32 result (``q_s @ (k_s^T v_s)``) by an
-  int32 ``MatMul``: exact integers, scaled once at the end.
+  uint8 -> int32) and a product of spikes with such an int32 result (``q_s @ (k_s^T v_s)``) by a
+  ``MatMul`` of the same integers (in float32 where no sum can reach 2**24, else in int32): exact
+  integers, scaled once at the end.
 
 The neuron stays ``Floor(Clip(...))`` (half up) on the float pre-activation, except where it
 follows an integer conv and :mod:`.requant` finds an exact ``QLinearConv`` for the pair (its
-half-to-even requantization then never meets a tie: docs/method.md §7). Depthwise convs (onnxruntime's integer depthwise
-kernel is not faster), k x k convs with few output channels (``MIN_WINDOW_COUT``) and layers fed
-by real values (pixels, the output of another conv) stay float; their packed weights are widened
-by ``Mul(Cast(w), scale)``, which onnxruntime folds once at load.
+half-to-even requantization then never meets a tie: docs/method.md §7). Depthwise convs
+(onnxruntime's integer depthwise kernel is not faster) and layers fed by real values (pixels, the
+output of another conv) stay float; their packed weights are widened by ``Mul(Cast(w), scale)``,
+which onnxruntime folds once at load.
 """
 from __future__ import annotations
 
@@ -36,15 +37,12 @@ from .graph import (Peephole, _compact, _dedupe, _drop_dead, constant_values, no
 from .requant import ConvSite, fuse_neurons
 
 MS_DOMAIN = "com.microsoft"
-# A k x k (or strided) conv gathers its windows first (im2col): k*k bytes per input element written
-# and read again before the GEMM. The integer GEMM saves time in proportion to the output
-# channels, the gather costs the same for any. On qsd_8_256 (2 threads, AVX512-VNNI) the
-# 96 -> 24 channel 3x3 conv at 112x112 was no faster as integers; convs with >= 48 output
-# channels were, so narrower ones stay float.
-MIN_WINDOW_COUT = 32
 # im2col by one Gather copies C bytes per index: faster than Slice+Concat for wide inputs, slower
 # for narrow ones (qsd_8_256, 2 threads: 24 channels at 112x112 4x slower at batch 1).
 GATHER_MIN_CHANNELS = 48
+# Integers below this are exact in float32, and so is every partial sum of a product whose total
+# stays below it: the bound under which ``q_s @ (k_s^T v_s)`` runs as a float MatMul.
+FLOAT32_EXACT = 2 ** 24
 _SHAPE_OPS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
@@ -123,6 +121,7 @@ class _Rewriter:
         self.skipped: dict[str, str] = {}     # parameter name -> why it stays float
         self.sites: dict[str, ConvSite] = {}   # integer weight tensor -> its conv (for fuse_neurons)
         self.levels: dict[str, int] = {}       # uint8 spike tensor -> its largest count
+        self.bounds: dict[str, int | None] = {}  # int32 product -> its largest value (None: unknown)
         self.products = 0
         self.gemms = 0                        # MatMulIntegerToFloat nodes (q/k/v share one)
         self.counts: dict[str, int] = {}      # stored integer weights per storage type
@@ -290,9 +289,6 @@ class _Rewriter:
         k = tuple(int(v) for v in ints.shape[2:])
         windows = any(v > 1 for v in k) or any(pads) or any(s > 1 for s in strides)
         spatial = (self.shapes.get(n.input[0]) or [None])[2:]
-        if windows and ints.shape[0] < MIN_WINDOW_COUT:
-            self.skipped[pname] = f"k x k conv with < {MIN_WINDOW_COUT} output channels (im2col costs more than it saves)"
-            return False
         if any(d != 1 for d in node_attr(n, "dilations", [1] * nd)) or (
                 windows and (len(spatial) != nd or None in spatial)):
             self.skipped[pname] = "dilated conv or unknown input size"
@@ -335,20 +331,34 @@ class _Rewriter:
         return True
 
     def matmul(self, n) -> bool:
-        """spikes x spikes -> MatMulInteger; spikes x int32 result -> int32 MatMul (exact)."""
+        """spikes x spikes -> MatMulInteger (uint8 x uint8 -> int32); spikes x such an int32
+        result -> a float ``MatMul`` of the same integers when no sum can reach 2**24 (every
+        partial sum is then an exact float32, in any order: onnxruntime's float GEMM is
+        multi-threaded, its int32 ``MatMul`` is not), else an int32 ``MatMul``. Exact either way."""
         (ua, ca, ka), (ub, cb, kb) = self.alt[n.input[0]], self.alt[n.input[1]]
         if ka == "i32" and kb == "i32":
             return False
+        inner = (self.shapes.get(n.input[0]) or [None])[-1]
+        ba, bb = (self.bounds.get(u) if k == "i32" else self.levels.get(u, 255) for u, k in ((ua, ka), (ub, kb)))
+        bound = ba * bb * inner if None not in (ba, bb, inner) else None
+        scale = self.init(np.array(ca * cb, np.float32), "ps")
+        self.products += 1
+        if ka != kb and bound is not None and bound < FLOAT32_EXACT:
+            # both operands as float (the int32 one's Cast is the one its float value already has)
+            a, b = (self.node("Cast", [u], "f", to=1) for u in (ua, ub))
+            self.emit("Mul", [self.node("MatMul", [a, b], "mm"), scale], n.output[0])
+            return True
         if ka == kb == "u8":
             y = self.node("MatMulInteger", [ua, ub], "mmi")
         else:
             a = ua if ka == "i32" else self.node("Cast", [ua], "i32", to=6)  # TensorProto.INT32
             b = ub if kb == "i32" else self.node("Cast", [ub], "i32", to=6)
             y = self.node("MatMul", [a, b], "mm")
-        scale = self.init(np.array(ca * cb, np.float32), "ps")
-        self.emit("Mul", [self.node("Cast", [y], "f", to=1), scale], n.output[0])
+        yf = self.node("Cast", [y], "f", to=1)
+        self.emit("Mul", [yf, scale], n.output[0])
         self.alt[n.output[0]] = (y, ca * cb, "i32")
-        self.products += 1
+        # the largest |value| of the product: what decides whether a next product is exact in float
+        self.bounds[y] = bound
         return True
 
     # -- channels-last twins -------------------------------------------------------------------
