@@ -6,10 +6,10 @@ models have random weights (timing does not depend on the values) with non-trivi
 statistics and layer scales near 1, so their spikes are neither all zero nor all saturated.
 Every export passes the usual parity check against PyTorch. Median of the repeats after one
 warm-up; batch 32 uses a quarter of the repeats (at least one). onnxruntime's thread spinning is
-off for every session (see ``_session``).
+off for every session unless ``--spinning`` (see ``_session``).
 
     python benchmarks/onnx_latency.py [--threads 2] [--repeats 10] [--big-repeats 3]
-        [--models bundled qsd_8_256 qsd_8_512] [--eager-b32 bundled qsd_8_256] [--cpu-time]
+        [--models bundled qsd_8_256 qsd_8_512] [--eager-b32 bundled qsd_8_256] [--cpu-time] [--spinning]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ RUNTIMES = ("eager_float", "eager_conv", "onnx_float", "qdq", "int")
 
 
 CLOCK = time.perf_counter   # --cpu-time: time.process_time (the work done, whatever else runs)
+SPINNING = False            # --spinning: onnxruntime's default, for comparison
 
 
 def _time(fn, x, repeats: int) -> float:
@@ -49,10 +50,10 @@ def _session(path: Path, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    # no spinning: the sessions live side by side in one process, and the worker threads of an idle
-    # one would spin on the cores the timed one needs (measured: with spinning every format took up
-    # to 2x longer at batch 1); in CPU time a spinning thread would also count as work
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # no spinning (unless --spinning): the sessions live side by side in one process, and the worker
+    # threads of an idle one would spin on the cores the timed one needs (measured: with spinning
+    # every format took up to 2x longer at batch 1); in CPU time a spinning thread would count as work
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if SPINNING else "0")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -120,8 +121,11 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="process CPU time instead of wall clock: on a shared "
                          "machine the work done, not what the other jobs leave over")
+    ap.add_argument("--spinning", action="store_true",
+                    help="leave onnxruntime's thread spinning on (its default): the sessions then slow each other")
     a = ap.parse_args()
-    global CLOCK
+    global CLOCK, SPINNING
+    SPINNING = a.spinning and not a.cpu_time
     if a.cpu_time:
         CLOCK = time.process_time
     torch.set_num_threads(a.threads)
