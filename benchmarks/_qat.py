@@ -41,7 +41,11 @@ def resolve_teacher(teacher: str, data: str) -> str:
     if teacher == "float":
         return str(bundled_path(data=data))
     if teacher == "vit":
-        return next(name for name, vit in BUNDLED_VITS.items() if vit.data == data.split(":", 1)[0])
+        name = next((name for name, vit in BUNDLED_VITS.items() if vit.data == data.split(":", 1)[0]), None)
+        if name is None:
+            raise ValueError(f"no bundled ViT teacher for data {data!r} (bundled: "
+                             f"{', '.join(f'{n} ({v.data})' for n, v in BUNDLED_VITS.items())})")
+        return name
     return teacher
 
 

@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader
 
 import qsdcompress as q
 from qsdcompress.data import DataConfig, build_dataset, random_hflip, random_shift
-from qsdcompress.io import read_checkpoint
 from qsdcompress.metrics import evaluate
 from qsdcompress.train import save_checkpoint
 from qsdcompress.zoo import FMNIST_ANN, FMNIST_SNN
@@ -81,13 +80,15 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
     restart = not ann and a.restart
     from_snn = (ann and a.ann_init == "snn") or restart
     epochs, lr = (a.ann_epochs, a.ann_lr) if ann and from_snn else (a.epochs, a.lr)
+    previous = None
     if from_snn:
         # the counterpart ANN has the SNN's parameters: start from the trained SNN, a few epochs
         # instead of a full schedule; an SNN restart is a second cosine cycle from it
-        model.load_state_dict(q.load(FMNIST_SNN).state_dict())
+        snn = q.load(FMNIST_SNN)
+        model.load_state_dict(snn.state_dict())
+        # a restart records the stage it continues (from the same read), so the whole recipe stays in the file
+        previous = snn.qsd_meta.get("training") if restart else None
         print(f"{tag}: initialised from {FMNIST_SNN.name}; {epochs} epochs at lr {lr:g}", flush=True)
-    # a restart records the stage it continues, so the whole recipe stays in the file
-    previous = read_checkpoint(FMNIST_SNN)[1].get("training") if restart else None
     cfg = DataConfig.from_model(model)
     train_ds = build_dataset(a.data, "train", cfg)
     if a.subset:
