@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import qsdcompress as q
-from qsdcompress.data import DataConfig, build_loader, first_samples
+from qsdcompress.data import DataConfig, build_loader, data_name, first_samples
 from qsdcompress.distill import BUNDLED_VITS
 from qsdcompress.quant import QuantConfig, convert
 from qsdcompress.report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
@@ -41,7 +41,7 @@ def resolve_teacher(teacher: str, data: str) -> str:
     if teacher == "float":
         return str(bundled_path(data=data))
     if teacher == "vit":
-        name = next((name for name, vit in BUNDLED_VITS.items() if vit.data == data.split(":", 1)[0]), None)
+        name = next((name for name, vit in BUNDLED_VITS.items() if vit.data == data_name(data)), None)
         if name is None:
             raise ValueError(f"no bundled ViT teacher for data {data!r} (bundled: "
                              f"{', '.join(f'{n} ({v.data})' for n, v in BUNDLED_VITS.items())})")

@@ -55,8 +55,8 @@ def main() -> None:
 
     conversion.quantize_, conversion.calibrate = timed_quantize, timed_calibrate
     t1, c1 = time.perf_counter(), time.process_time()
-    conv = quant.convert(model, quant.QuantConfig(bits=args.bits, scale_init=args.scale_init,
-                                                  calib_batches=args.batches), calib_loader=calib)
+    quant.convert(model, quant.QuantConfig(bits=args.bits, scale_init=args.scale_init,
+                                           calib_batches=args.batches), calib_loader=calib)
     total = time.perf_counter() - t1
     cpu = time.process_time() - c1
     params = sum(p.numel() for p in model.parameters())

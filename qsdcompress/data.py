@@ -321,6 +321,17 @@ def cifar(kind: str, root: Path, split: str, cfg: DataConfig, train_aug: bool = 
     return _held_out_part(ds, torch.tensor(ds.targets), split, 0.1, f"{kind}:{root}")
 
 
+# data specs of the form KIND:ARG (a folder, or a count for synthetic)
+SPEC_KINDS = ("fashion-mnist", "mnist", "synthetic", "cifar10", "cifar100")
+
+
+def data_name(spec: str) -> str:
+    """The data set a spec names: ``fashion-mnist`` for ``fashion-mnist:DIR``, ``synthetic`` for
+    ``synthetic:N``; a folder's spec (which may itself hold a colon) is returned as it is."""
+    kind, sep, _ = str(spec).partition(":")
+    return kind if sep and kind in SPEC_KINDS else str(spec)
+
+
 def build_dataset(spec: str, split: str = "test", cfg: DataConfig | None = None, num_classes: int = 10,
                   train_aug: bool = False) -> Dataset:
     """Dataset for a data spec (see the module docstring)."""

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from .config import DEFAULT_WORKDIR
-from .data import DataConfig, build_loader, num_classes_of
+from .data import DataConfig, build_loader, data_name, num_classes_of
 from .errors import QsdError
 from .export import export
 from .export.runtime import onnx_predictor
@@ -196,7 +196,7 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
     Returns ``{"rows": {"float", "converted", "finetuned", "onnx"}, "stages": {...}, ...}``;
     each row has ``top1``, ``size_bytes``, ``sops`` and ``energy_mj``.
     """
-    if str(data).split(":", 1)[0] not in ("digits", "fashion-mnist"):
+    if data_name(data) not in ("digits", "fashion-mnist"):
         raise QsdError("the demo runs on a bundled model: --data digits or fashion-mnist[:DIR]; use the "
                        "individual commands for other data")
     float_model = resolve_model(None, data=data)  # fails here, before any work, when it is missing

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qsdcompress.data import DataConfig, build_dataset, build_loader, read_idx, resize_batch
+from qsdcompress.data import DataConfig, build_dataset, build_loader, data_name, read_idx, resize_batch
 from qsdcompress.errors import QsdError
 
 
@@ -69,6 +69,13 @@ def test_bad_data_specs(tmp_path):
         build_dataset(f"cifar10:{tmp_path}")
     with pytest.raises(QsdError, match="synthetic:N"):
         build_dataset("synthetic:abc")
+
+
+def test_data_name_of_a_spec():
+    cases = {"digits": "digits", "fashion-mnist": "fashion-mnist", "fashion-mnist:/d/x": "fashion-mnist",
+             "mnist:rel/dir": "mnist", "synthetic:10": "synthetic", "cifar100:/c": "cifar100",
+             "/data/imagenet": "/data/imagenet", "C:/images": "C:/images", "my:folder": "my:folder"}
+    assert {spec: data_name(spec) for spec in cases} == cases
 
 
 def test_synthetic_and_resize_batch():

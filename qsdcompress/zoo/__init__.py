@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..data import data_name
+
 ZOO_DIR = Path(__file__).resolve().parent
 BUNDLED_SNN = ZOO_DIR / "qsd_tiny_digits.qsd"
 BUNDLED_ANN = ZOO_DIR / "qsd_tiny_digits_ann.qsd"
@@ -19,7 +21,7 @@ FMNIST_ANN = ZOO_DIR / "qsd_tiny_fmnist_ann.qsd"
 
 
 def _fashion_mnist(data: str) -> bool:
-    return str(data).split(":", 1)[0] == "fashion-mnist"
+    return data_name(data) == "fashion-mnist"
 
 
 def bundled_path(ann: bool = False, data: str = "digits") -> Path:
