@@ -10,12 +10,15 @@ written after every epoch (``--resume`` continues from it; ``--finish`` saves it
 without training further). The ANN starts from the trained SNN (the same parameters, clamped-ReLU
 activations instead of spikes) and trains for a few epochs at a lower rate (``--ann-epochs``,
 ``--ann-lr``; ``--ann-init scratch`` for a full schedule). ``--restart`` continues the bundled SNN
-with a second cosine cycle (a warm restart: ``--epochs`` more at peak ``--lr``); its starting
+with another cosine cycle (a warm restart: ``--epochs`` more at peak ``--lr``); its starting
 point counts as epoch 0, so the result is never worse on ``val`` than the model it started from.
-The bundled SNN is made by
+``--ema DECAY`` also keeps an exponential moving average of the weights, a second candidate each
+epoch. The bundled SNN is made by three cycles (``--out`` writes elsewhere than the zoo, to
+decide on val before replacing the bundled file):
 
     python examples/train_fmnist.py --only snn
     python examples/train_fmnist.py --only snn --restart --epochs 10 --lr 1e-3
+    python examples/train_fmnist.py --only snn --restart --epochs 10 --lr 5e-4 --ema 0.999
 
 At the end the script prints the attention ablation: the accuracy with every block's attention
 branch removed, and with one block's removed at a time, on val and test.
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 import qsdcompress as q
@@ -106,6 +110,8 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ckpt = Path(a.ckpt_dir) / f"{ARCH}_{tag}.pt"
     start, best, history, seconds = 0, {"val_top1": -1.0, "epoch": 0, "state": None}, [], 0.0
+    # an exponential moving average of the weights (and BatchNorm statistics): a second candidate each epoch
+    ema = ModelEmaV3(model, decay=a.ema) if a.ema else None
     if (a.resume or a.finish) and ckpt.is_file():
         s = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(s["model"])
@@ -115,6 +121,8 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
         train_loader.generator.set_state(s["loader_gen"])
         torch.set_rng_state(s["torch_rng"])
         start, best, history, seconds = s["epoch"], s["best"], s["history"], s["seconds"]
+        if ema is not None:
+            ema.module.load_state_dict(s["ema"])
         print(f"{tag}: resumed after epoch {start} from {ckpt}", flush=True)
     if a.finish and not start:
         raise SystemExit(f"--finish needs a checkpoint: none at {ckpt}")
@@ -133,18 +141,28 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             tl, nb = tl + loss.item(), nb + 1
         r = evaluate(model, loaders["val"], description=f"{tag} epoch {ep + 1} val")
         history.append({"epoch": ep + 1, "loss": round(tl / max(nb, 1), 4), "val_top1": round(r["top1"], 4),
                         "seconds": round(time.time() - t0, 1)})
         if r["top1"] > best["val_top1"]:
             best = {"val_top1": r["top1"], "epoch": ep + 1, "state": copy.deepcopy(model.state_dict())}
+        if ema is not None:
+            re = evaluate(ema.module, loaders["val"], description=f"{tag} epoch {ep + 1} EMA val")
+            history[-1]["ema_val_top1"] = round(re["top1"], 4)
+            if re["top1"] > best["val_top1"]:
+                best = {"val_top1": re["top1"], "epoch": ep + 1, "ema": True,
+                        "state": copy.deepcopy(ema.module.state_dict())}
+            print(f"{tag} epoch {ep + 1} EMA val top1 {re['top1']:.4f}", flush=True)
         print(f"{tag} epoch {ep + 1}/{epochs} loss {tl / max(nb, 1):.4f} val top1 {r['top1']:.4f} "
               f"(best {best['val_top1']:.4f} @ {best['epoch']}) {time.time() - t0:.0f}s", flush=True)
         save_checkpoint(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                                "gen": g.get_state(), "loader_gen": train_loader.generator.get_state(),
                                "torch_rng": torch.get_rng_state(), "epoch": ep + 1, "best": best,
-                               "history": history, "seconds": time.time() - t0})
+                               "history": history, "seconds": time.time() - t0,
+                               **({"ema": ema.module.state_dict()} if ema is not None else {})})
     seconds = round(time.time() - t0, 1)
     model.load_state_dict(best["state"])
     abl = ablation(model, loaders)
@@ -159,7 +177,7 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
             "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, "epochs": epochs,
             "epochs_done": len(history), "init": f"trained SNN ({FMNIST_SNN.name})" if from_snn else "random",
             "previous_stage": previous,
-            "best_epoch": best["epoch"], "lr": lr, "batch_size": a.batch_size, "weight_decay": a.wd,
+            "best_epoch": best["epoch"], "best_is_ema": bool(best.get("ema")), "ema_decay": a.ema, "lr": lr, "batch_size": a.batch_size, "weight_decay": a.wd,
             "label_smoothing": a.smoothing, "overrides": overrides, "augment": "random shift 2 px + horizontal flip",
             "val_top1": val, "test_top1": test, "seconds": seconds, "threads": a.threads,
             "attention_ablation": abl, "history": history})
@@ -193,10 +211,15 @@ def main() -> None:
     ap.add_argument("--ann-epochs", type=int, default=2, help="ANN epochs when it starts from the SNN")
     ap.add_argument("--ann-lr", type=float, default=1e-3, help="ANN learning rate when it starts from the SNN")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="also keep an exponential moving average of the weights (decay, e.g. 0.999): "
+                         "each epoch it is a second candidate on val; 0 = off")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="SNN: write here instead of the bundled file (decide on val before replacing it)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.only in (None, "snn"):
-        train(False, a, FMNIST_SNN)
+        train(False, a, a.out or FMNIST_SNN)
     if a.only in (None, "ann"):
         train(True, a, FMNIST_ANN)
 
