@@ -177,7 +177,8 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
             "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, "epochs": epochs,
             "epochs_done": len(history), "init": f"trained SNN ({FMNIST_SNN.name})" if from_snn else "random",
             "previous_stage": previous,
-            "best_epoch": best["epoch"], "best_is_ema": bool(best.get("ema")), "ema_decay": a.ema, "lr": lr, "batch_size": a.batch_size, "weight_decay": a.wd,
+            "best_epoch": best["epoch"], "best_is_ema": bool(best.get("ema")), "ema_decay": a.ema,
+            "lr": lr, "batch_size": a.batch_size, "weight_decay": a.wd,
             "label_smoothing": a.smoothing, "overrides": overrides, "augment": "random shift 2 px + horizontal flip",
             "val_top1": val, "test_top1": test, "seconds": seconds, "threads": a.threads,
             "attention_ablation": abl, "history": history})

@@ -354,8 +354,7 @@ class _Rewriter:
             a = ua if ka == "i32" else self.node("Cast", [ua], "i32", to=6)  # TensorProto.INT32
             b = ub if kb == "i32" else self.node("Cast", [ub], "i32", to=6)
             y = self.node("MatMul", [a, b], "mm")
-        yf = self.node("Cast", [y], "f", to=1)
-        self.emit("Mul", [yf, scale], n.output[0])
+        self.emit("Mul", [self.node("Cast", [y], "f", to=1), scale], n.output[0])
         self.alt[n.output[0]] = (y, ca * cb, "i32")
         # the largest |value| of the product: what decides whether a next product is exact in float
         self.bounds[y] = bound
