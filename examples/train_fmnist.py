@@ -187,7 +187,8 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
 
 def finish(model: torch.nn.Module, a: argparse.Namespace, out: Path, loaders: dict[str, DataLoader], best: dict,
            history: list[dict], seconds: float, tag: str, stage: dict) -> dict:
-    """Measure the kept epoch (val, test, the attention ablation) and save it with its whole recipe."""
+    """Measure the kept epoch (val, test, the attention ablation) and save it with its whole recipe
+    (``stage``: the metadata fields that depend on the stage, stored as they are)."""
     abl = ablation(model, loaders)
     val, test = abl["none removed"]["val"], abl["none removed"]["test"]
     print(f"{tag}: best epoch {best['epoch']}: val top1 {val:.4f}, test top1 {test:.4f}, {seconds:.0f}s training")
@@ -197,12 +198,10 @@ def finish(model: torch.nn.Module, a: argparse.Namespace, out: Path, loaders: di
         print(f"  {name:<18} {r['val']:>7.4f} {r['test']:>7.4f}")
     if not a.subset:
         q.save(model, out, kind="float", training={
-            "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, "epochs": stage["epochs"],
-            "epochs_done": len(history), "init": stage["init"], "previous_stage": stage["previous_stage"],
-            "best_epoch": best["epoch"], "best_is_ema": bool(best.get("ema")), "ema_decay": a.ema,
-            "lr": stage["lr"], "batch_size": a.batch_size, "weight_decay": a.wd,
-            "label_smoothing": a.smoothing, "overrides": stage["overrides"],
-            "augment": "random shift 2 px + horizontal flip",
+            "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, **stage,
+            "epochs_done": len(history), "best_epoch": best["epoch"], "best_is_ema": bool(best.get("ema")),
+            "ema_decay": a.ema, "batch_size": a.batch_size, "weight_decay": a.wd,
+            "label_smoothing": a.smoothing, "augment": "random shift 2 px + horizontal flip",
             "val_top1": val, "test_top1": test, "seconds": seconds, "threads": a.threads,
             "attention_ablation": abl, "history": history})
         print(f"wrote {out}")
