@@ -153,12 +153,31 @@ def table(args, _fm) -> None:
                   f"| {statistics.mean(tops):.2f} | {f'{statistics.stdev(tops):.2f}' if len(tops) > 1 else '-'} "
                   f"| {min(tops):.2f} - {max(tops):.2f} | {f'{statistics.mean(ent):.3f}' if ent else '-'} "
                   f"| {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
+    _paired(groups)
     diag = [r for r in rows if r["section"] == "diagnosis"]
     if diag:
         print("\n| model | bits | q/k/v entropy (bits, mean) | per block |\n|---|---:|---:|---|")
         for r in diag:
             per = ", ".join(f"{k} {v:.2f}" for k, v in r["entropy"].items())
             print(f"| {r['config']} | {r['bits']} | {r['entropy_qkv']:.3f} | {per} |")
+
+
+def _paired(groups: dict[tuple, list[dict]]) -> None:
+    """Each configuration minus the baseline of the same width, seed by seed (same seed, same data
+    order): the differences a mean over a few seeds can hide."""
+    lines = []
+    for (bits, name), rs in groups.items():
+        base = {r["seed"]: r for r in groups.get((bits, "baseline"), [])}
+        pairs = [(r, base[r["seed"]]) for r in rs if name != "baseline" and r["seed"] in base]
+        if pairs:
+            test = [(r["top1"] - b["top1"]) * 100 for r, b in pairs]
+            val = [(r["val_top1"] - b["val_top1"]) * 100 for r, b in pairs]
+            lines.append(f"| W{bits} | {name} | {', '.join(str(r['seed']) for r, _ in pairs)} "
+                         f"| {' / '.join(f'{d:+.2f}' for d in test)} ({statistics.mean(test):+.2f}) "
+                         f"| {' / '.join(f'{d:+.2f}' for d in val)} ({statistics.mean(val):+.2f}) |")
+    if lines:
+        print("\n| bits | config minus baseline | seeds | test, per seed (mean) | val, per seed (mean) |"
+              "\n|---:|---|---|---|---|\n" + "\n".join(lines))
 
 
 def main() -> None:
