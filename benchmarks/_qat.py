@@ -21,6 +21,9 @@ ABLATION = {
     "baseline": (dict(ie_lif="none"), dict(lambda_kd=0.0, lambda_fgd=0.0)),
     "+ie_lif": (dict(ie_lif="qkv"), dict(lambda_kd=0.0, lambda_fgd=0.0)),
     "+ie_lif(rectify)": (dict(ie_lif="qkv", ie_lif_init="rectify"), dict(lambda_kd=0.0, lambda_fgd=0.0)),
+    # rectify init faded in from the plain neuron over the first validation interval (100 steps)
+    "+ie_lif(rectify, warm-up)": (dict(ie_lif="qkv", ie_lif_init="rectify"),
+                                  dict(lambda_kd=0.0, lambda_fgd=0.0, ie_lif_warmup=100)),
     "+fgd": (dict(ie_lif="none"), dict(lambda_kd=0.0, lambda_fgd=1.0)),
     "+both": (dict(ie_lif="qkv"), dict(lambda_kd=0.0, lambda_fgd=1.0)),
     "kd": (dict(ie_lif="none"), dict(lambda_kd=1.0, lambda_fgd=0.0)),

@@ -421,6 +421,9 @@ def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 @click.option("--lambda-fgd", type=float, default=1.0, show_default=True, help="Weight of fine-grained distillation.")
 @click.option("--fgd-layers", callback=_int_list, default=None,
               help="Teacher layer for each student attention block, comma-separated (default: uniform map).")
+@click.option("--ie-lif-warmup", type=click.IntRange(0), default=0, show_default=True, metavar="STEPS",
+              help="Fade IE-LIF in from the plain neuron over the first STEPS steps (u_hat' = b*u_hat + "
+                   "(1-b)*u, b: 0 -> 1); epochs that end inside the warm-up are measured, never kept.")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
               help="Mixed precision on CUDA (CPU always runs fp32).")

@@ -36,6 +36,7 @@ class FinetuneConfig:
     tau: float = 1.0
     lambda_fgd: float = 1.0
     fgd_layers: list[int] | None = None
+    ie_lif_warmup: int = 0              # steps over which IE-LIF fades in from the plain neuron (0: off)
     label_smoothing: float = 0.0
     # optimisation
     epochs: int = 3
@@ -77,6 +78,8 @@ class FinetuneConfig:
             raise QsdError("--epochs must be at least 1 (or give --steps)")
         if self.batch_size < 1:
             raise QsdError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.ie_lif_warmup < 0:
+            raise QsdError(f"--ie-lif-warmup must be 0 or more steps, got {self.ie_lif_warmup}")
         model_file = Path(self.resume or "").suffix.lower() in (".qsd", ".safetensors", ".onnx")
         if self.resume and self.resume != "auto" and model_file:
             raise QsdError(f"--resume {self.resume}: that is a model file, not a finetune checkpoint; "

@@ -290,9 +290,14 @@ class IELIF(Neuron):
     dim 2 of ``(T, B, C, ...)``. Like the multi-spike neuron it replaces, it fires from each time
     step's own input (the T=1 setting of QSD). In eval mode ``u_hat = a * u + c`` is affine and
     :meth:`fold` returns ``(a, c)`` to fold into the preceding BatchNorm.
+
+    ``blend`` (a plain attribute, not state: 1.0 in every saved model) mixes in the plain neuron,
+    ``u_hat' = blend * u_hat + (1 - blend) * u``; finetuning ramps it from 0 to 1 over an IE-LIF
+    warm-up (docs/method.md §4), so a rectify-initialised neuron starts where the plain one was.
     """
 
     gamma_min = 1e-4
+    blend: float = 1.0
 
     def __init__(self, num_features: int, levels: int = 4, out_scale: float | None = None,
                  momentum: float | None = 0.1, eps: float = 1e-5, gamma: float = 0.25, beta: float = 0.5):
@@ -315,7 +320,10 @@ class IELIF(Neuron):
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode affine ``u_hat = a * u + c`` per channel (running statistics)."""
         a = self.gamma.clamp_min(self.gamma_min) / torch.sqrt(self.running_var + self.eps)
-        return a, self.beta - a * self.running_mean
+        c = self.beta - a * self.running_mean
+        if self.blend < 1.0:
+            return self.blend * a + (1.0 - self.blend), self.blend * c
+        return a, c
 
     def _batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dims = [d for d in range(x.dim()) if d != 2]
@@ -337,8 +345,9 @@ class IELIF(Neuron):
         if self.training:
             mean, var = self._batch_stats(x)
             g = self.gamma.clamp_min(self.gamma_min)
-            return (_channel_view(g, x) * (x - _channel_view(mean, x)) / torch.sqrt(_channel_view(var, x) + self.eps)
-                    + _channel_view(self.beta, x))
+            u_hat = (_channel_view(g, x) * (x - _channel_view(mean, x)) / torch.sqrt(_channel_view(var, x) + self.eps)
+                     + _channel_view(self.beta, x))
+            return u_hat if self.blend >= 1.0 else self.blend * u_hat + (1.0 - self.blend) * x
         a, c = self.fold()
         return x * _channel_view(a, x) + _channel_view(c, x)
 
@@ -347,7 +356,8 @@ class IELIF(Neuron):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, levels={self.levels}, out_scale={self.out_scale:g}, eps={self.eps:g}, " \
-               f"momentum={self.momentum}, spike_mode={self.spike_mode}"
+               f"momentum={self.momentum}, spike_mode={self.spike_mode}" + \
+               (f", blend={self.blend:g}" if self.blend < 1.0 else "")
 
 
 class AffineMultiSpike(Neuron):

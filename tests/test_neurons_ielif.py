@@ -107,3 +107,34 @@ def test_affine_multispike():
     x = torch.randn(1, 2, 3, 4)
     u = x * n.scale.view(1, 1, 3, 1) + n.shift.view(1, 1, 3, 1)
     assert torch.equal(n(x), make_neuron("multispike", 4)(u))
+
+
+@pytest.mark.parametrize("blend", [0.0, 0.3, 1.0])
+def test_blend_mixes_in_the_plain_neuron_in_training_and_eval(blend):
+    """u_hat' = blend * u_hat + (1 - blend) * u (the IE-LIF warm-up); blend 0 is the plain neuron."""
+    n = IELIF(5, levels=4)
+    with torch.no_grad():
+        n.running_mean.copy_(torch.randn(5))
+        n.running_var.copy_(torch.rand(5) + 0.5)
+    n.blend = blend
+    x = torch.randn(2, 16, 5, 3)
+    v = lambda t: t.view(1, 1, -1, 1)  # noqa: E731
+    g, b = n.gamma.detach(), n.beta.detach()
+
+    def ref(mu, var):
+        u_hat = v(g) * (x - v(mu)) / torch.sqrt(v(var) + n.eps) + v(b)
+        mixed = blend * u_hat + (1 - blend) * x
+        return torch.floor(torch.clamp(4 * mixed, 0, 4) + 0.5) * 0.25
+
+    n.eval()
+    out = n(x)
+    assert (out != ref(n.running_mean, n.running_var)).float().mean() < 1e-2  # folded affine: rounding only
+    if blend == 0.0:
+        assert torch.equal(out, MultiSpike(4)(x))
+    a, c = n.fold()
+    a1 = g / torch.sqrt(n.running_var + n.eps)
+    assert torch.allclose(a, blend * a1 + 1 - blend) and torch.allclose(c, blend * (b - a1 * n.running_mean))
+    n.train()
+    dims = [0, 1, 3]
+    assert torch.equal(n(x), ref(x.mean(dims), x.var(dims, unbiased=False)))
+    assert "blend" in repr(n) if blend < 1 else "blend" not in repr(n)

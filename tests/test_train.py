@@ -325,3 +325,46 @@ def test_cross_architecture_teacher_bundled_vit(tmp_path, converted):
 
     resolved = yaml.safe_load((wd / "finetune" / "config.yaml").read_text())["resolved"]
     assert resolved["fgd_layer_map"] == [0, 1, 2, 3]
+
+
+def test_ie_lif_warmup_ramps_the_blend_and_keeps_only_whole_ie_lif(tmp_path, converted, monkeypatch):
+    """--ie-lif-warmup fades IE-LIF in over its steps; an epoch that ends inside the warm-up is
+    measured but never kept, and the kept model is whole IE-LIF."""
+    from qsdcompress.neurons import IELIF
+    from qsdcompress.train import loop, run_finetune
+
+    assert [loop.ie_lif_blend(s, 4) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert loop.ie_lif_blend(0, 0) == 1.0
+    seen: list[float] = []
+    real_step = loop.compute_losses
+
+    def spy(model, *a, **k):
+        seen.append(next(m for m in model.modules() if isinstance(m, IELIF)).blend)
+        return real_step(model, *a, **k)
+
+    real_validate = loop.validate
+
+    def flattering(run, epoch):  # an epoch inside the warm-up looks perfect: it must still not be kept
+        ev = real_validate(run, epoch)
+        return {**ev, "top1": 2.0} if ev["ie_lif_blend"] < 1 else ev  # beats anything real
+
+    monkeypatch.setattr(loop, "compute_losses", spy)
+    monkeypatch.setattr(loop, "validate", flattering)
+    wd = _workdir(tmp_path, "warm", converted)
+    student, r = run_finetune(FinetuneConfig(workdir=str(wd), steps=6, limit_train_batches=2, ie_lif_warmup=4,
+                                             lambda_kd=0.0, lambda_fgd=0.0, **SMALL))
+    assert seen == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [h["ie_lif_blend"] for h in r["history"]] == [0.5, 1.0, 1.0]
+    assert r["history"][0]["val_top1"] == 2.0 and r["best_epoch"] != 1 and r["val_top1"] <= 1.0
+    assert all(m.blend == 1.0 for m in student.modules() if isinstance(m, IELIF))
+
+
+def test_ie_lif_warmup_without_ie_lif_is_a_clear_error(tmp_path):
+    from qsdcompress.quant import QuantConfig, convert
+    from qsdcompress.train import run_finetune
+
+    model = convert(q.load(), QuantConfig(bits=4, calib_batches=1, ie_lif="none"))
+    with pytest.raises(QsdError, match="no IE-LIF"):
+        run_finetune(FinetuneConfig(workdir=str(tmp_path), steps=1, ie_lif_warmup=3, **SMALL), model)
+    with pytest.raises(QsdError, match="ie-lif-warmup"):
+        FinetuneConfig(ie_lif_warmup=-1).validate()

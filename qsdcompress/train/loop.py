@@ -41,6 +41,7 @@ from ..errors import QsdError
 from ..io import atomic_write_text, ensure_writable_dir, package_versions
 from ..loading import load, save
 from ..metrics import evaluate
+from ..neurons import IELIF
 from ..quant import attach_lsq_grad_scale
 from ..report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from ..ui import console, progress_bar
@@ -104,6 +105,19 @@ class Run:
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of the weights, the candidate kept as the best model."""
     return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+
+
+def ie_lif_blend(step: int, warmup: int) -> float:
+    """IE-LIF's share after ``step`` optimizer steps of a ``warmup``-step fade-in (docs/method.md §4)."""
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
+def set_ie_lif_blend(model: nn.Module, blend: float) -> int:
+    """Set every IE-LIF's ``blend``; returns how many there are."""
+    found = [m for m in model.modules() if isinstance(m, IELIF)]
+    for m in found:
+        m.blend = float(blend)
+    return len(found)
 
 
 def seed_everything(seed: int) -> None:
@@ -188,6 +202,9 @@ def setup(cfg: FinetuneConfig, model: nn.Module | None, di: DistInfo) -> Run:
         src = resolve_input(cfg)
         source, model = str(src), load(src)
     student = model.to(di.device)
+    if cfg.ie_lif_warmup and not set_ie_lif_blend(student, 1.0):
+        raise QsdError(f"--ie-lif-warmup {cfg.ie_lif_warmup}: the model has no IE-LIF neurons "
+                       f"(convert with --ie-lif qkv, or drop the option)")
     sdc = DataConfig.from_model(student)
     teacher = _teacher(cfg, student, di)
     data = _data(cfg, student, sdc, di)
@@ -324,6 +341,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     cfg = run.cfg
     x, y = x.to(run.dist.device, non_blocking=True), y.to(run.dist.device, non_blocking=True)
     autocast = torch.autocast("cuda", dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
+    if cfg.ie_lif_warmup:
+        set_ie_lif_blend(run.student, ie_lif_blend(run.step + 1, cfg.ie_lif_warmup))
     with autocast:
         loss, ce, kd, fgd = compute_losses(run.model, x, y, cfg, run.teacher, run.capture, run.mapping,
                                            run.data_config)
@@ -380,15 +399,20 @@ def train_one_epoch(run: Run, epoch: int, on_step: Callable | None = None,
 def validate(run: Run, epoch: int) -> dict:
     """Top-1/top-5/loss of the student (and its EMA, which wins when better) on the validation
     split, with the student's spike statistics on the same batches (firing rate per stage,
-    entropy of the q/k/v spikes per block)."""
+    entropy of the q/k/v spikes per block). During an IE-LIF warm-up the model is not yet the one
+    a checkpoint holds (``blend`` is not state), so it is measured but cannot be kept."""
     cfg = run.cfg
+    blend = ie_lif_blend(run.step, cfg.ie_lif_warmup)
+    for m in (run.student, run.ema.module if run.ema is not None else None):
+        if m is not None and cfg.ie_lif_warmup:
+            set_ie_lif_blend(m, blend)
     if run.capture is not None:
         run.capture.enabled = False
     with SpikeRecorder(run.student, histograms=qkv_neurons(run.student)) as rec:
         r = evaluate(run.student, run.val_loader, run.dist.device, description=f"eval epoch {epoch + 1}",
                      max_batches=cfg.eval_max_batches)
     out = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "source": "model",
-           "spikes": spike_statistics(run.student, rec)}
+           "spikes": spike_statistics(run.student, rec), "ie_lif_blend": blend}
     if run.ema is not None:
         re = evaluate(run.ema.module, run.val_loader, run.dist.device, description=f"eval EMA epoch {epoch + 1}",
                       max_batches=cfg.eval_max_batches)
@@ -410,9 +434,11 @@ def end_epoch(run: Run, epoch: int, ev: dict) -> None:
            "images_per_s": round(run.sums["images"] / max(run.sums["seconds"], 1e-9), 1)}
     if "ema_top1" in ev:
         row["ema_top1"] = ev["ema_top1"]
+    if run.cfg.ie_lif_warmup:
+        row["ie_lif_blend"] = ev["ie_lif_blend"]
     row.update(ev["spikes"])
     run.history.append(row)
-    if ev["top1"] > run.best["top1"]:
+    if ev["top1"] > run.best["top1"] and ev.get("ie_lif_blend", 1.0) >= 1.0:
         run.best = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "epoch": epoch + 1,
                     "source": ev["source"], "input_top1": run.best.get("input_top1")}
         src = run.ema.module if ev["source"] == "ema" and run.ema is not None else run.student
@@ -433,6 +459,7 @@ def finish(run: Run, seconds: float) -> dict:
         run.teacher.capture.remove()
     if run.best_state:
         run.student.load_state_dict(run.best_state)
+    set_ie_lif_blend(run.student, 1.0)  # the kept model is whole IE-LIF (the input or a post-warm-up epoch)
     run.student.eval()
     best, history = run.best, run.history
     test = evaluate(run.student, run.test_loader, run.dist.device, description="test (kept model)",
