@@ -41,7 +41,7 @@ from ..errors import QsdError
 from ..io import atomic_write_text, ensure_writable_dir, package_versions
 from ..loading import load, save
 from ..metrics import evaluate
-from ..neurons import IELIF
+from ..neurons import IELIF, iter_neurons
 from ..quant import attach_lsq_grad_scale
 from ..report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from ..ui import console, progress_bar
@@ -112,12 +112,14 @@ def ie_lif_blend(step: int, warmup: int) -> float:
     return 1.0 if warmup <= 0 else min(1.0, step / warmup)
 
 
-def set_ie_lif_blend(model: nn.Module, blend: float) -> int:
-    """Set every IE-LIF's ``blend``; returns how many there are."""
-    found = [m for m in model.modules() if isinstance(m, IELIF)]
-    for m in found:
-        m.blend = float(blend)
-    return len(found)
+def ie_lif_neurons(model: nn.Module) -> list[IELIF]:
+    return [n for _, n in iter_neurons(model) if isinstance(n, IELIF)]
+
+
+def set_ie_lif_blend(model: nn.Module, blend: float) -> None:
+    """Set every IE-LIF's ``blend``."""
+    for n in ie_lif_neurons(model):
+        n.blend = float(blend)
 
 
 def seed_everything(seed: int) -> None:
@@ -202,7 +204,7 @@ def setup(cfg: FinetuneConfig, model: nn.Module | None, di: DistInfo) -> Run:
         src = resolve_input(cfg)
         source, model = str(src), load(src)
     student = model.to(di.device)
-    if cfg.ie_lif_warmup and not set_ie_lif_blend(student, 1.0):
+    if cfg.ie_lif_warmup and not ie_lif_neurons(student):
         raise QsdError(f"--ie-lif-warmup {cfg.ie_lif_warmup}: the model has no IE-LIF neurons "
                        f"(convert with --ie-lif qkv, or drop the option)")
     sdc = DataConfig.from_model(student)
@@ -341,7 +343,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     cfg = run.cfg
     x, y = x.to(run.dist.device, non_blocking=True), y.to(run.dist.device, non_blocking=True)
     autocast = torch.autocast("cuda", dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
-    if cfg.ie_lif_warmup:
+    if run.step < cfg.ie_lif_warmup:  # after it every blend stays 1 (validate sets 1 from then on)
         set_ie_lif_blend(run.student, ie_lif_blend(run.step + 1, cfg.ie_lif_warmup))
     with autocast:
         loss, ce, kd, fgd = compute_losses(run.model, x, y, cfg, run.teacher, run.capture, run.mapping,
@@ -403,9 +405,10 @@ def validate(run: Run, epoch: int) -> dict:
     a checkpoint holds (``blend`` is not state), so it is measured but cannot be kept."""
     cfg = run.cfg
     blend = ie_lif_blend(run.step, cfg.ie_lif_warmup)
-    for m in (run.student, run.ema.module if run.ema is not None else None):
-        if m is not None and cfg.ie_lif_warmup:
-            set_ie_lif_blend(m, blend)
+    if cfg.ie_lif_warmup:
+        for m in (run.student, run.ema.module if run.ema is not None else None):
+            if m is not None:
+                set_ie_lif_blend(m, blend)
     if run.capture is not None:
         run.capture.enabled = False
     with SpikeRecorder(run.student, histograms=qkv_neurons(run.student)) as rec:
