@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qsdcompress as q  # noqa: E402
 from _qat import ABLATION, one_run, spike_diagnosis  # noqa: E402
+from qsdcompress.io import machine_description  # noqa: E402
 from qsdcompress.loading import bundled_model  # noqa: E402
 from qsdcompress.quant import QuantConfig, convert  # noqa: E402
 
@@ -37,7 +38,7 @@ PTQ_IE_LIF = {"none": dict(ie_lif="none"), "identity": dict(ie_lif="qkv", ie_lif
 
 
 def emit(args, row: dict) -> None:
-    row = {"section": args.what, "data": args.data, "threads": args.threads, **row}
+    row = {"section": args.what, "data": args.data, "threads": args.threads, **row, "machine": machine_description()}
     print(json.dumps(row), flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -153,6 +154,7 @@ def table(args, _fm) -> None:
                   f"| {statistics.mean(tops):.2f} | {f'{statistics.stdev(tops):.2f}' if len(tops) > 1 else '-'} "
                   f"| {min(tops):.2f} - {max(tops):.2f} | {f'{statistics.mean(ent):.3f}' if ent else '-'} "
                   f"| {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
+        print("\nCPU s/run measured on: " + _machines([r for rs in groups.values() for r in rs]))
     _paired(groups)
     diag = [r for r in rows if r["section"] == "diagnosis"]
     if diag:
@@ -160,6 +162,17 @@ def table(args, _fm) -> None:
         for r in diag:
             per = ", ".join(f"{k} {v:.2f}" for k, v in r["entropy"].items())
             print(f"| {r['config']} | {r['bits']} | {r['entropy_qkv']:.3f} | {per} |")
+
+
+def _machines(rows: list[dict]) -> str:
+    """Which CPUs the runs were timed on (rows written before the machine was recorded: unrecorded)."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        m = r.get("machine")
+        name = (f"{m['cpu']} ({m.get('cpu_id') or 'model unknown'}), {m['torch_threads']} thread(s)"
+                if m else "unrecorded")
+        counts[name] = counts.get(name, 0) + 1
+    return "; ".join(f"{name} ({n} runs)" for name, n in counts.items())
 
 
 def _paired(groups: dict[tuple, list[dict]]) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 import qsdcompress as q
+from qsdcompress.io import cpu_name
 from qsdcompress.loading import resolve_model
 from qsdcompress.mixed import Budget, convert_to_budget, measure_sensitivity, validation_batches
 from qsdcompress.quant import QuantConfig, convert
@@ -40,16 +40,6 @@ from qsdcompress.train import finetune
 from qsdcompress.zoo import bundled_path
 
 UNIFORM = (1, 2, 3, 4, 8)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def log(row: dict) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import platform
 import sys
 import tempfile
 import zipfile
@@ -104,6 +105,38 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _cpuinfo(path: str | os.PathLike) -> dict[str, str]:
+    """The first processor's ``key: value`` lines of a Linux ``/proc/cpuinfo``; {} without one."""
+    out: dict[str, str] = {}
+    try:
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                if out:
+                    break
+                continue
+            key, _, value = line.partition(":")
+            out[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return out
+
+
+def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the architecture (``x86_64``)."""
+    return _cpuinfo(cpuinfo).get("model name") or platform.machine() or "unknown"
+
+
+def machine_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, Any]:
+    """The machine a number was measured on: timings (CPU seconds) differ by 2x between CPUs that
+    a virtual machine names alike (``AMD EPYC``), hence the family/model numbers, and float rounding
+    differs between CPUs; both are recorded with results."""
+    info = _cpuinfo(cpuinfo)
+    ident = " ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if info.get(k))
+    return {"cpu": info.get("model name") or platform.machine() or "unknown", "cpu_id": ident or None,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _check_exists(path: Path) -> None:

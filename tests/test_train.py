@@ -231,6 +231,7 @@ def test_cli_recipe_command_line_wins_and_json(tmp_path, converted):
     resolved = yaml.safe_load((wd / "finetune" / "config.yaml").read_text())
     assert resolved["lr"] == 0.0002 and resolved["lambda_fgd"] == 0.25 and resolved["batch_size"] == 8
     assert "torch" in resolved["versions"]
+    assert resolved["machine"]["cores"] == os.cpu_count() and resolved["machine"]["torch_threads"] == 1
     header = (wd / "finetune" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"ce", "kd", "fgd", "val_top1", "images_per_s"} <= set(header)
     # spike statistics of each epoch: firing rate per stage, q/k/v entropy per block

@@ -38,7 +38,7 @@ from ..config import FinetuneConfig
 from ..data import DataConfig, build_dataset, build_loader
 from ..distill import QKVCapture, Teacher, fgd_loss, kd_loss, layer_map, load_teacher
 from ..errors import QsdError
-from ..io import atomic_write_text, ensure_writable_dir, package_versions
+from ..io import atomic_write_text, ensure_writable_dir, machine_description, package_versions
 from ..loading import load, save
 from ..metrics import evaluate
 from ..neurons import IELIF, iter_neurons
@@ -261,7 +261,7 @@ def _restore(run: Run, ckpt: dict[str, Any]) -> None:
 
 
 def write_run_config(run: Run) -> None:
-    """The full resolved configuration and package versions, next to the outputs."""
+    """The full resolved configuration, package versions and machine, next to the outputs."""
     import yaml
 
     resolved = {**run.cfg.to_dict(), "resolved": {
@@ -269,7 +269,7 @@ def write_run_config(run: Run) -> None:
         "teacher": run.teacher.name if run.teacher else None, "total_steps": run.total_steps,
         "epochs": run.epochs, "steps_per_epoch": run.steps_per_epoch, "world_size": run.dist.world,
         "device": str(run.dist.device), "amp": str(run.amp_dtype) if run.amp_dtype else "off",
-        "fgd_layer_map": run.mapping}, "versions": package_versions()}
+        "fgd_layer_map": run.mapping}, "versions": package_versions(), "machine": machine_description()}
     atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     atomic_write_text(run.run_dir / "config.json", json.dumps(resolved, indent=2))
 
