@@ -265,7 +265,8 @@ def show_demo(result: dict) -> None:
     t = Table(title=f"qsdcompress demo: bundled {result.get('data', 'digits')} model, W{result['bits']}, "
                     f"{result['seconds']:.0f} s, outputs in {result['workdir']}")
     for c in ("model", "val top-1", "test top-1", "size", "size x", "SOPs", "energy (mJ)", "energy x"):
-        t.add_column(c, justify="left" if c == "model" else "right")
+        # fold, not an ellipsis: on a narrow terminal a number wraps but is never cut
+        t.add_column(c, justify="left" if c == "model" else "right", overflow="fold")
     for name, r in result["rows"].items():
         val = f"{r['val_top1'] * 100:.2f}%" if r.get("val_top1") is not None else "-"
         t.add_row(name, val, f"{r['top1'] * 100:.2f}%", _bytes(r["size_bytes"]),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -9,7 +10,15 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-console = Console(stderr=True, highlight=False)
+
+
+def console_width() -> int | None:
+    """None (the terminal's own width) on a terminal or when ``COLUMNS`` is set; else 120 columns,
+    since rich's default of 80 for a file or pipe cuts numbers in the wider tables."""
+    return None if os.environ.get("COLUMNS") or sys.stderr.isatty() else 120
+
+
+console = Console(stderr=True, highlight=False, width=console_width())
 
 
 def quiet() -> bool:

@@ -39,3 +39,46 @@ def test_demo_json_rows(tmp_path):
     conv = model_size(load(tmp_path / "qsdcompress-out" / "converted.qsd"))
     assert rows["converted"]["size_bytes"] == conv["size_bytes"]
     assert rows["converted"]["size_mb_paper"] == conv["size_mb_paper"]
+
+
+def _demo_result() -> dict:
+    row = dict(val_top1=0.9172, top1=0.9146, size_bytes=954_056, size_x=7.006, sops=41_378_912.0,
+               energy_mj=0.006312345, energy_x=6.12, what="W4 after convert")
+    return {"data": "fashion-mnist", "bits": 4, "seconds": 41.0, "workdir": "qsdcompress-out",
+            "rows": {"float": {**row, "val_top1": None, "size_x": 1.0}, "converted": row, "finetuned": row,
+                     "onnx": row}, "energy_table": {}}
+
+
+@pytest.mark.parametrize("width", [120, 60])
+def test_demo_table_never_cuts_a_number(monkeypatch, width):
+    """rich shortens cells with an ellipsis when a table is wider than the console; the demo's
+    columns fold instead, so every figure is printed whole (at 60 columns, across lines)."""
+    import io
+
+    from rich.console import Console
+
+    import qsdcompress.pipeline as pipeline
+
+    buf = io.StringIO()
+    monkeypatch.setattr(pipeline, "console", Console(file=buf, width=width, highlight=False))
+    pipeline.show_demo(_demo_result())
+    text = buf.getvalue()
+    assert "…" not in text
+    # each column's cells read top to bottom: a folded figure continues on the next line
+    cells = [line.split("│")[1:-1] for line in text.splitlines() if line.startswith("│")]
+    columns = ["".join(row[i].strip() for row in cells) for i in range(len(cells[0]))]
+    for figure in ("finetuned", "91.72%", "91.46%", "954.1kB", "7.0x", "4.14e+07", "0.006312", "6.1x"):
+        assert any(figure in col.replace(" ", "") for col in columns), figure
+
+
+def test_console_is_wide_when_not_a_terminal(monkeypatch):
+    from qsdcompress.ui import console_width
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert console_width() == 120
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert console_width() is None
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    monkeypatch.setenv("COLUMNS", "100")
+    assert console_width() is None
