@@ -15,7 +15,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 def console_width() -> int | None:
     """None (the terminal's own width) on a terminal or when ``COLUMNS`` is set; else 120 columns,
     since rich's default of 80 for a file or pipe cuts numbers in the wider tables."""
-    return None if os.environ.get("COLUMNS") or sys.stderr.isatty() else 120
+    on_terminal = sys.stderr is not None and sys.stderr.isatty()  # None under pythonw
+    return None if os.environ.get("COLUMNS") or on_terminal else 120
 
 
 console = Console(stderr=True, highlight=False, width=console_width())

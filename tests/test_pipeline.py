@@ -82,3 +82,6 @@ def test_console_is_wide_when_not_a_terminal(monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: False)
     monkeypatch.setenv("COLUMNS", "100")
     assert console_width() is None
+    monkeypatch.delenv("COLUMNS")
+    monkeypatch.setattr("sys.stderr", None)
+    assert console_width() == 120
