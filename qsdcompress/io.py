@@ -125,7 +125,11 @@ def _cpuinfo(path: str | os.PathLike) -> dict[str, str]:
 
 def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux ``/proc/cpuinfo``), else the architecture (``x86_64``)."""
-    return _cpuinfo(cpuinfo).get("model name") or platform.machine() or "unknown"
+    return _model_name(_cpuinfo(cpuinfo))
+
+
+def _model_name(info: Mapping[str, str]) -> str:
+    return info.get("model name") or platform.machine() or "unknown"
 
 
 def machine_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, Any]:
@@ -134,7 +138,7 @@ def machine_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[st
     differs between CPUs; both are recorded with results."""
     info = _cpuinfo(cpuinfo)
     ident = " ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if info.get(k))
-    return {"cpu": info.get("model name") or platform.machine() or "unknown", "cpu_id": ident or None,
+    return {"cpu": _model_name(info), "cpu_id": ident or None,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
