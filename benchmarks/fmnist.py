@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -166,12 +167,8 @@ def table(args, _fm) -> None:
 
 def _machines(rows: list[dict]) -> str:
     """Which CPUs the runs were timed on (rows written before the machine was recorded: unrecorded)."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        m = r.get("machine")
-        name = (f"{m['cpu']} ({m.get('cpu_id') or 'model unknown'}), {m['torch_threads']} thread(s)"
-                if m else "unrecorded")
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(f"{m['cpu']} ({m.get('cpu_id') or 'model unknown'}), {m['torch_threads']} thread(s)"
+                     if (m := r.get("machine")) else "unrecorded" for r in rows)
     return "; ".join(f"{name} ({n} runs)" for name, n in counts.items())
 
 

@@ -11,7 +11,6 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 
-
 def console_width() -> int | None:
     """None (the terminal's own width) on a terminal or when ``COLUMNS`` is set; else 120 columns,
     since rich's default of 80 for a file or pipe cuts numbers in the wider tables."""
