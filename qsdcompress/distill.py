@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .data import DataConfig, resize_batch
 from .errors import QsdError, one_line
-from .io import hf_offline, load_state_dict_checked, read_checkpoint, strip_quant_extras
+from .io import hub_unavailable, load_state_dict_checked, read_checkpoint, strip_quant_extras
 from .loading import bundled_model, has_reference_lsq, hub_weights, load
 from .models import create_model, describe
 
@@ -68,8 +68,6 @@ BUNDLED_VITS: dict[str, BundledViT] = {
                                             mlp_ratio=2.0, num_classes=10, global_pool="token"),
         (1, 28, 28), (0.286,), (0.353,)),
 }
-VIT_DIGITS_PATH = BUNDLED_VITS["vit_digits"].path
-VIT_DIGITS_ARGS = BUNDLED_VITS["vit_digits"].args
 
 
 def build_vit_digits() -> nn.Module:
@@ -355,13 +353,14 @@ def timm_teacher(name: str, checkpoint: str | os.PathLike | None = None,
     # a requested size for a model with position embeddings: timm resamples them as it loads
     kw = {"img_size": int(img_size)} if img_size and getattr(_reference_timm(full), "pos_embed", None) is not None \
         else {}
-    if hf_offline():
-        return _cached_pretrained(full, **kw)
+    why = hub_unavailable()  # offline, or no connection within seconds: the local cache only
+    if why is not None:
+        return _cached_pretrained(full, why, **kw)
     try:
         return timm.create_model(full, pretrained=True, **kw)
-    except Exception as e:  # no network, no such pretrained tag, ...
-        raise QsdError(f"teacher {full}: could not get pretrained weights ({one_line(e, 160)}); on a machine "
-                       f"without network pass --teacher-checkpoint PATH (set HF_HUB_OFFLINE=1 to fail fast)") from None
+    except Exception as e:  # no such pretrained tag, a download that failed, ...
+        raise QsdError(f"teacher {full}: could not get pretrained weights ({one_line(e, 160)}); "
+                       f"pass --teacher-checkpoint PATH") from None
 
 
 def _reference_timm(full: str) -> nn.Module:
@@ -459,8 +458,9 @@ def _timm_from_checkpoint(full: str, checkpoint: str | os.PathLike, num_classes:
     return model
 
 
-def _cached_pretrained(full: str, **kwargs: Any) -> nn.Module:
-    """Offline: timm's pretrained weights from the local Hugging Face cache, or a clear error."""
+def _cached_pretrained(full: str, why: str, **kwargs: Any) -> nn.Module:
+    """Without the Hub (``why``): timm's pretrained weights from the local Hugging Face cache, or a
+    clear error."""
     import timm
     from timm.models import get_pretrained_cfg
 
@@ -469,8 +469,8 @@ def _cached_pretrained(full: str, **kwargs: Any) -> nn.Module:
     cached, _ = hub_weights(repo) if repo else (None, None)
     if cached is not None:
         return timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, **kwargs)
-    raise QsdError(f"teacher {full}: offline (HF_HUB_OFFLINE) and its weights are not in the local Hugging Face "
-                   f"cache; pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
+    raise QsdError(f"teacher {full}: {why} and its weights are not in the local Hugging Face cache; "
+                   f"pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
 
 
 def bundled_vit_teacher(name: str = "vit_digits", path: str | os.PathLike | None = None) -> nn.Module:
@@ -482,11 +482,6 @@ def bundled_vit_teacher(name: str = "vit_digits", path: str | os.PathLike | None
     model = vit.build()
     _load_weights(model, path, "ViT teacher")
     return model
-
-
-def vit_digits_teacher(path: str | os.PathLike | None = None) -> nn.Module:
-    """The bundled digits ViT."""
-    return bundled_vit_teacher("vit_digits", path)
 
 
 def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | None = None,
@@ -532,8 +527,8 @@ def timm_data_config(model: nn.Module, img_size: int | None = None) -> DataConfi
 
 __all__ = [
     "Teacher", "QKVCapture", "load_teacher", "counterpart_ann", "timm_teacher",
-    "vit_digits_teacher", "build_vit_digits", "bundled_vit_teacher", "BundledViT", "BUNDLED_VITS",
+    "build_vit_digits", "bundled_vit_teacher", "BundledViT", "BUNDLED_VITS",
     "resolve_teacher_name", "similarity", "layer_map",
-    "fgd_loss", "kd_loss", "tokens_from_spikes", "resize_tokens", "TEACHER_ALIASES", "VIT_DIGITS_PATH",
-    "VIT_DIGITS_ARGS", "checkpoint_model_args", "timm_data_config",
+    "fgd_loss", "kd_loss", "tokens_from_spikes", "resize_tokens", "TEACHER_ALIASES",
+    "checkpoint_model_args", "timm_data_config",
 ]

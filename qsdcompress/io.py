@@ -70,17 +70,68 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def hf_offline() -> bool:
     """Hugging Face offline mode: huggingface_hub's setting, or ``HF_HUB_OFFLINE`` set after the hub
     was imported (its constants are read once, at import)."""
     from huggingface_hub import constants
 
-    return constants.is_offline_mode() or constants._is_true(os.environ.get("HF_HUB_OFFLINE"))
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or env.upper() in ("1", "ON", "YES", "TRUE")
+
+
+#: seconds the Hugging Face endpoint (or the HTTPS proxy) gets to accept a connection
+HUB_CONNECT_TIMEOUT = 3.0
+_REACHABLE: dict[tuple[str, int], tuple[bool, float]] = {}  # address -> (answer, time.monotonic() asked)
+
+
+def _hub_address() -> tuple[str, int]:
+    """Where a Hub request first connects: the HTTPS proxy when one applies, else the endpoint
+    (``HF_ENDPOINT``, default https://huggingface.co)."""
+    import urllib.parse
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urllib.parse.urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub (or its proxy) opens within ``timeout``
+    seconds (the answer is kept for a minute). Without network huggingface_hub retries for about a
+    minute before it gives up; this answers in at most ``timeout`` (name resolution included)."""
+    import socket
+    import threading
+    import time
+
+    address = _hub_address()
+    if time.monotonic() - _REACHABLE.get(address, (False, -1e9))[1] > 60:
+        result: list[bool] = []
+
+        def probe() -> None:
+            try:
+                socket.create_connection(address, timeout=timeout).close()
+                result.append(True)
+            except OSError:
+                result.append(False)
+
+        t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+        t.start()
+        t.join(timeout)
+        _REACHABLE[address] = (bool(result and result[0]), time.monotonic())
+    return _REACHABLE[address][0]
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face Hub cannot be asked (then only the local cache is read), or None."""
+    if hf_offline():
+        return "offline (HF_HUB_OFFLINE)"
+    if not hub_reachable():
+        host, port = _hub_address()
+        return f"{host}:{port} cannot be reached (no network?)"
+    return None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

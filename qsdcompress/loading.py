@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .errors import QsdError, one_line
-from .io import (hf_offline, load_state_dict_checked, pack_ints, read_checkpoint, save_qsd, sha256_file,
+from .io import (hub_unavailable, load_state_dict_checked, pack_ints, read_checkpoint, save_qsd, sha256_file,
                  strip_quant_extras, unpack_ints)
 from .models import create_model, list_models, model_config, resolve_name, set_pretrained_loader
 from .quant import import_reference_lsq, is_quant_layer, quant_bits, restore_quantized, weight_layers
@@ -129,11 +129,12 @@ def _hf_cache_dir(cache_dir: str | os.PathLike | None) -> str | None:
 def hub_weights(repo_id: str, names: Sequence[str] = HF_WEIGHT_NAMES, cache_dir: str | os.PathLike | None = None
                 ) -> tuple[Path | None, Exception | None]:
     """The first of ``names`` in the Hugging Face repository ``repo_id`` (``OWNER/NAME[@REV]``):
-    from the local cache only when offline, else downloaded; ``(None, last error)`` if none."""
+    from the local cache only when offline or the Hub cannot be reached (:func:`hub_unavailable`,
+    a few seconds at most), else downloaded; ``(None, last error)`` if none."""
     from huggingface_hub import hf_hub_download
 
     repo, _, rev = repo_id.partition("@")
-    offline, err = hf_offline(), None
+    offline, err = hub_unavailable() is not None, None
     for name in names:
         try:
             return Path(hf_hub_download(repo, name, revision=rev or None, cache_dir=_hf_cache_dir(cache_dir),
@@ -151,10 +152,9 @@ def _hub_file(arch: str, source: dict, cache_dir: str | os.PathLike | None) -> P
     if path is not None:
         return path
     repo = source["hf_hub_id"].partition("@")[0]
-    offline = hf_offline()
+    offline = hub_unavailable()
     what = source.get("description") or "the weights"
-    why = ("offline (HF_HUB_OFFLINE) and not in the local Hugging Face cache" if offline
-           else f"not downloaded ({one_line(err, 120)})")
+    why = f"{offline} and not in the local Hugging Face cache" if offline else f"not downloaded ({one_line(err, 120)})"
     name = f"{arch}.{source['tag']}" if source.get("tag") else arch
     raise QsdError(f"{name}: {' or '.join(names)} of hf-hub:{repo} {why}; fetch {what} from "
                    f"https://huggingface.co/{repo} and pass pretrained_cfg_overlay=dict(file=PATH) "

@@ -196,9 +196,6 @@ def make_neuron(kind: str, levels: int = 4, attention: bool = False, threshold: 
     raise ValueError(f"unknown neuron kind {kind!r}; choose multispike, lif or relu")
 
 
-NEURON_KINDS = ("multispike", "lif", "relu")
-
-
 def iter_neurons(model: nn.Module) -> Iterator[tuple[str, Neuron]]:
     for name, m in model.named_modules():
         if isinstance(m, Neuron):
@@ -265,7 +262,7 @@ def information_entropy(counts: torch.Tensor) -> float:
 __all__ = [
     "Neuron", "MultiSpike", "ClampAct", "LIF", "make_neuron", "iter_neurons", "set_spike_mode",
     "spike_layer", "apply_planes", "round_half_up", "quant_spike", "information_entropy",
-    "SPIKE_MODES", "NEURON_KINDS",
+    "SPIKE_MODES",
 ]
 
 

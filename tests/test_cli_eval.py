@@ -44,9 +44,26 @@ def test_eval_user_mistakes_are_one_line_errors(args, msg):
 
 
 def test_eval_max_batches_and_table():
+    """One batch of 16 test images: the table's figures are those of the bundled model on exactly
+    those images, computed here with plain torch (argmax, top-5, mean cross-entropy)."""
+    import torch
+    import torch.nn.functional as F
+
+    from qsdcompress.data import DataConfig, build_loader
+
     r = run("eval", "--max-batches", "1", "--batch-size", "16")
-    assert r.exit_code == 0
-    assert "top1" in r.output
+    assert r.exit_code == 0, r.output
+    m = q.bundled_model().eval()
+    x, y = next(iter(build_loader("digits", "test", DataConfig.from_model(m), batch_size=16, shuffle=False)))
+    with torch.no_grad():
+        logits = m(x).float()
+    top1 = (logits.argmax(1) == y).float().mean().item()
+    top5 = (logits.topk(5, 1).indices == y[:, None]).any(1).float().mean().item()
+    loss = F.cross_entropy(logits, y).item()
+    row = next(line for line in r.output.splitlines() if "%" in line)
+    cells = [c.strip() for c in row.strip("│| ").split("│")]
+    assert cells[:4] == [f"{top1 * 100:.2f}%", f"{top5 * 100:.2f}%", f"{loss:.4f}", "16"], row
+    assert float(cells[4]) > 0  # images/s
 
 
 def test_no_model_means_the_bundled_model_of_the_data(tmp_path, monkeypatch):
