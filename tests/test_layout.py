@@ -1,5 +1,5 @@
 """The package's shape: no import cycles (function-level imports count), imports go down the layers
-README's "Development" section describes, functions stay short, modules stay modules."""
+docs/architecture.md describes, functions stay short, modules stay modules."""
 from __future__ import annotations
 
 import ast
@@ -66,7 +66,7 @@ def _graph() -> dict[str, set[str]]:
 def _layer(module: str) -> int:
     parts = module.split(".")
     top = parts[1] if len(parts) > 1 else "__init__"
-    assert top in LAYERS, f"{module}: add its top-level name to LAYERS (and to README's Development section)"
+    assert top in LAYERS, f"{module}: add its top-level name to LAYERS (and to the layer table in docs/architecture.md)"
     return LAYERS[top]
 
 
