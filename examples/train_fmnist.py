@@ -85,22 +85,27 @@ def make_optimizer(model: torch.nn.Module, a: argparse.Namespace, lr: float, ste
     return opt, sched
 
 
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt, sched, ema,
+               smoothing: float) -> float:
+    """One optimiser step on an (augmented) batch: clipped gradients, scheduler and EMA updated; its loss."""
+    loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y, label_smoothing=smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    sched.step()
+    if ema is not None:
+        ema.update(model)
+    return loss.item()
+
+
 def train_epoch(model: torch.nn.Module, loader: DataLoader, opt, sched, ema, g: torch.Generator,
                 smoothing: float) -> float:
     """One pass over ``loader``; the mean training loss."""
     model.train()
     tl, nb = 0.0, 0
     for x, y in loader:
-        x = augment(x, g).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), y, label_smoothing=smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update(model)
-        tl, nb = tl + loss.item(), nb + 1
+        tl, nb = tl + train_step(model, augment(x, g), y, opt, sched, ema, smoothing), nb + 1
     return tl / max(nb, 1)
 
 
