@@ -76,7 +76,7 @@ def _exports(name: str, fl: torch.nn.Module, conv: torch.nn.Module, out: Path, s
         x = parity_batch(model, "digits", samples)
         proto, facts = build_onnx(model, name, ExportConfig(format=fmt), x[:2])
         path.write_bytes(proto.SerializeToString())
-        par = check_parity(ort_session(path), model, x, raise_error=False)
+        par = check_parity(path, model, x, raise_error=False)
         files[key] = {"path": path, "bytes": path.stat().st_size, "weight_bits_bytes": model_size(model)["size_bytes"],
                       "differing": par["images_differing"], "top1": par["top1_agreement"], "n": samples,
                       "integer_layers": facts.get("integer_layers"), "weight_layers": facts.get("weight_layers")}

@@ -32,7 +32,7 @@ import gzip
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -362,6 +362,33 @@ def build_dataset(spec: str, split: str = "test", cfg: DataConfig | None = None,
     return image_folder(Path(spec), split, cfg, train_aug)
 
 
+def model_data(model: Any) -> str | None:
+    """The data spec a model records as its own: the ``data`` of its ``.qsd`` metadata, else what
+    it was finetuned, calibrated or trained on (bundled models and every ``.qsd`` written by a
+    command carry one). None for a reference checkpoint or a fresh model: statistics that depend
+    on data then need ``--data`` (docs/method.md §3)."""
+    meta = getattr(model, "qsd_meta", None) or {}
+    quant = getattr(model, "qsd_quant_meta", None) or {}
+    finetune = (meta.get("finetune") or {}).get("config") if isinstance(meta.get("finetune"), dict) else None
+    for spec in (meta.get("data"), (finetune or {}).get("data"),
+                 (quant.get("calibration") or meta.get("calibration") or {}).get("data"),
+                 (meta.get("training") or {}).get("data") if isinstance(meta.get("training"), dict) else None):
+        if isinstance(spec, str) and spec and data_name(spec) != "synthetic":
+            return spec
+    return None
+
+
+def foreign_data_reason(model: Any, data: str, loader: Any) -> str | None:
+    """Why ``data`` is not of the model's kind (synthetic noise, another class count), or None."""
+    if data_name(data) == "synthetic":
+        return f"{data} is random noise"
+    classes = num_classes_of(loader.dataset) if loader is not None and hasattr(loader, "dataset") else None
+    own = getattr(model, "num_classes", None)
+    if classes is not None and own is not None and classes != own:
+        return f"{data} has {classes} classes, the model predicts {own}"
+    return None
+
+
 def num_classes_of(ds: Dataset) -> int | None:
     if getattr(ds, "classes", None) is not None:
         return len(ds.classes)  # type: ignore[attr-defined]
@@ -438,6 +465,7 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 __all__: Sequence[str] = [
     "DataConfig", "build_dataset", "build_loader", "digits_dataset", "synthetic_dataset",
-    "resize_batch", "num_classes_of", "random_shift", "random_hflip", "read_idx", "idx_dataset", "stratified_holdout",
+    "resize_batch", "num_classes_of", "model_data", "foreign_data_reason", "random_shift", "random_hflip",
+    "read_idx", "idx_dataset", "stratified_holdout",
     "to_model_input", "first_samples",
 ]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from .config import DEFAULT_WORKDIR
-from .data import DataConfig, build_loader, data_name, num_classes_of
+from .data import DataConfig, build_loader, data_name, foreign_data_reason, model_data, num_classes_of
 from .errors import QsdError
 from .export import export
 from .export.runtime import onnx_predictor
@@ -106,32 +106,22 @@ def convert_summary(model: nn.Module) -> dict:
                                     "float_size_mb_paper")}}
 
 
-def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str) -> tuple[float | None, float | None]:
-    """Test top-1 of both models on the calibration data set, when it is labelled for them."""
+def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str | None
+                       ) -> tuple[float | None, float | None, str | None]:
+    """Test top-1 of both models on ``data`` when its classes are the model's; else ``(None, None, why)``."""
+    if not data:
+        return None, None, ("no data of the model's own is known (a reference checkpoint records none): top-1 "
+                            "not measured; pass --data with its test images")
     try:
         loader = build_loader(data, "test", DataConfig.from_model(converted), batch_size=128,
                               num_classes=converted.num_classes)
-    except QsdError:
-        return None, None
-    labelled = num_classes_of(loader.dataset)
-    if labelled is None or labelled > converted.num_classes:
-        return None, None
+    except QsdError as e:
+        return None, None, f"top-1 not measured: {e}"
+    foreign = foreign_data_reason(converted, data, loader)
+    if foreign or num_classes_of(loader.dataset) is None:
+        return None, None, f"top-1 not measured: {foreign or f'{data} has no class labels'}"
     return (evaluate(float_model, loader, description="eval float")["top1"],
-            evaluate(converted, loader, description="eval converted")["top1"])
-
-
-def calibration_note(model: nn.Module, calibration: dict) -> str | None:
-    """A plain warning when the images that calibrated ``model`` are not of its kind: the digits
-    default used on a model that is not a 10-class small-image model (an ImageNet model, say)."""
-    data, n = calibration.get("data"), calibration.get("samples", 0)
-    if data != "digits" or not n:
-        return None
-    size = tuple(DataConfig.from_model(model).input_size)
-    if getattr(model, "num_classes", 10) == 10 and size[1] <= 64:
-        return None
-    return (f"calibrated on {n} digits images resized to {size[1]}x{size[2]}: their statistics say little about "
-            f"a {getattr(model, 'num_classes', '?')}-class {size[1]} px model; pass --data with images of its "
-            f"own distribution (e.g. an ImageFolder of its training set)")
+            evaluate(converted, loader, description="eval converted")["top1"], None)
 
 
 def run_convert(model: str | os.PathLike | nn.Module | None = None, config: QuantConfig | None = None,
@@ -143,40 +133,48 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     The ``.qsd`` holds bit-packed integer weights; ``keep_float`` also keeps the float latent
     weights, so that finetuning starts from the float model's weights rather than their grid points.
     With an active ``budget`` the widths come from a mixed-precision plan (``plan`` in the result).
+    Calibration and top-1 use ``config.calib_data``, else the data the model records as its own;
+    without either the conversion is weight-only and ``top1_before``/``top1_after`` are None with
+    ``top1_note`` saying why.
     """
     config = (config or QuantConfig()).validate()
     out_path = Path(output) if output is not None else Path(workdir) / "converted.qsd"
     ensure_writable_dir(out_path.parent)  # before minutes of calibration, not after
     t0 = time.perf_counter()
-    source: dict[str, Any] = {}
-    if isinstance(model, nn.Module):
-        float_model = model
-    else:
-        if model is None and arch is not None:
-            resolve_model(None, arch)  # explains that weights are needed
-        path = Path(model) if model is not None else bundled_path(data=config.calib_data)
-        if not path.exists() and model is None:
-            resolve_model(None, data=config.calib_data)  # says which bundled model is missing
-        float_model = load(path, arch=arch)
-        source = {"path": str(path), "sha256": sha256_file(path)}
-    float_model.eval()
-    if source:
-        float_model.qsd_meta = {**(getattr(float_model, "qsd_meta", None) or {}), "source": source}
+    float_model = _float_model(model, arch, config.calib_data or "digits")
     plan = None
     if budget is not None and budget.active:
         converted, plan = convert_to_budget(float_model, config, budget)
     else:
         converted = convert(float_model, config)
     seconds = time.perf_counter() - t0
+    data = config.calib_data or model_data(float_model)
+    if data:
+        converted.qsd_meta = {**(getattr(converted, "qsd_meta", None) or {}), "data": data}
     save(converted, out_path, kind="converted", keep_float=keep_float)
-    before, after = _top1_before_after(float_model, converted, config.calib_data) if evaluate_top1 else (None, None)
-    calibration = dict(converted.qsd_quant_meta.get("calibration") or {})
-    calibration["note"] = calibration_note(converted, calibration)
+    before, after, note = (_top1_before_after(float_model, converted, data) if evaluate_top1
+                           else (None, None, "top-1 not measured (--no-eval)"))
     return {"output": str(out_path), "top1_before": before, "top1_after": after,
-            "top1_data": config.calib_data if before is not None else None, "calibration": calibration,
+            "top1_data": data if before is not None else None, "top1_note": note,
+            "calibration": dict(converted.qsd_quant_meta.get("calibration") or {}),
             "arch": getattr(converted, "arch", None), "config": config.to_dict(),
             **convert_summary(converted), "source": converted.qsd_quant_meta.get("source", {}),
             "convert_seconds": round(seconds, 2), **({"plan": plan} if plan is not None else {})}
+
+
+def _float_model(model: str | os.PathLike | nn.Module | None, arch: str | None, data: str) -> nn.Module:
+    """The model to convert, in eval mode, its file's path and sha256 recorded as its source."""
+    if isinstance(model, nn.Module):
+        return model.eval()
+    if model is None and arch is not None:
+        resolve_model(None, arch)  # explains that weights are needed
+    path = Path(model) if model is not None else bundled_path(data=data)
+    if not path.exists() and model is None:
+        resolve_model(None, data=data)  # says which bundled model is missing
+    float_model = load(path, arch=arch).eval()
+    float_model.qsd_meta = {**(getattr(float_model, "qsd_meta", None) or {}),
+                            "source": {"path": str(path), "sha256": sha256_file(path)}}
+    return float_model
 
 
 def _row(top1: float | None, rep: dict | None, size_bytes: int | None = None, **extra: Any) -> dict:
@@ -289,5 +287,5 @@ def _bytes(n: int | None) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-__all__ = ["evaluate_model", "convert_model", "run_convert", "convert_summary", "calibration_note", "demo",
+__all__ = ["evaluate_model", "convert_model", "run_convert", "convert_summary", "demo",
            "show_demo"]

@@ -399,7 +399,8 @@ def test_lsq_gradient_scaling_hook():
 
 def test_calibration_is_sized_in_samples_and_recorded(tmp_path):
     m = convert(q.load(), QuantConfig(bits=4, calib_samples=10, calib_batch_size=4))
-    assert m.qsd_quant_meta["calibration"] == {"data": "digits", "samples": 10, "batchnorm_reestimated": True}
+    assert m.qsd_quant_meta["calibration"] == {"data": "digits", "samples": 10, "from": "the model's metadata",
+                                               "own_data": True, "batchnorm_reestimated": True, "note": None}
     assert convert(q.load(), QuantConfig(bits=4, calib_samples=0)).qsd_quant_meta["calibration"]["samples"] == 0
     r = CliRunner().invoke(main, ["convert", "--calib-samples", "40", "--no-eval", "--json",
                                   "--workdir", str(tmp_path / "wd")])
@@ -407,17 +408,57 @@ def test_calibration_is_sized_in_samples_and_recorded(tmp_path):
     cal = json.loads(r.stdout)["calibration"]
     assert cal["samples"] == 40 and cal["data"] == "digits" and cal["note"] is None
     loaded = q.load(tmp_path / "wd" / "converted.qsd")
-    assert loaded.qsd_meta["calibration"]["samples"] == 40
+    assert loaded.qsd_meta["calibration"]["samples"] == 40 and loaded.qsd_meta["data"] == "digits"
 
 
-def test_calibrating_a_non_digits_model_on_digits_says_so():
-    from qsdcompress.pipeline import calibration_note
+def test_without_data_of_its_own_convert_is_weight_only_and_says_so(tiny_model):
+    """A model that records no data (a reference checkpoint, a fresh model): no image is run, the
+    float BatchNorm statistics stay, IE-LIF is the plain neuron, and the note names --data."""
+    randomise(tiny_model, batch=torch.randn(8, 3, 32, 32))
+    m = convert(tiny_model, QuantConfig(bits=2))
+    cal = m.qsd_quant_meta["calibration"]
+    assert cal["samples"] == 0 and cal["data"] is None and cal["batchnorm_reestimated"] is False
+    assert "no calibration data" in cal["note"] and "--data" in cal["note"]
+    bns = [(n, b) for n, b in tiny_model.named_modules() if type(b) in (nn.BatchNorm1d, nn.BatchNorm2d)]
+    assert bns
+    for name, b in bns:
+        a = m.get_submodule(name)
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    x = torch.randn(4, 3, 32, 32)
+    plain = convert(tiny_model, QuantConfig(bits=2, ie_lif="none"))
+    with torch.no_grad():  # identity IE-LIF without statistics fires exactly as the plain neuron
+        assert torch.equal(m(x), plain(x))
+    with pytest.raises(QsdError, match="rectify.*--data"):
+        convert(tiny_model, QuantConfig(bits=2, ie_lif_init="rectify"))
+    with pytest.raises(QsdError, match="--reestimate-bn.*--data"):
+        convert(tiny_model, QuantConfig(bits=2, reestimate_bn=True))
 
+
+def test_data_of_another_kind_calibrates_but_never_reestimates_unless_asked():
+    """Digits (10 classes) for a 100-class model: IE-LIF is calibrated, BatchNorm is left alone
+    unless --reestimate-bn asks, and the note says why."""
     other = q.create_model("qsd_tiny", num_classes=100)
-    note = calibration_note(other, {"data": "digits", "samples": 256})
-    assert note and "256 digits images" in note and "--data" in note
-    assert calibration_note(q.load(), {"data": "digits", "samples": 256}) is None
-    assert calibration_note(other, {"data": "/data/imagenet", "samples": 256}) is None
+    m = convert(other, QuantConfig(bits=4, calib_data="digits", calib_samples=16))
+    cal = m.qsd_quant_meta["calibration"]
+    assert cal["samples"] == 16 and cal["own_data"] is False and cal["batchnorm_reestimated"] is False
+    assert "digits has 10 classes, the model predicts 100" in cal["note"]
+    forced = convert(other, QuantConfig(bits=4, calib_data="digits", calib_samples=16, reestimate_bn=True))
+    assert forced.qsd_quant_meta["calibration"]["batchnorm_reestimated"] is True
+    assert "as asked" in forced.qsd_quant_meta["calibration"]["note"]
+
+
+def test_model_data_reads_what_a_model_records():
+    from qsdcompress.data import model_data
+
+    assert model_data(q.load()) == "digits"                       # bundled: its training data
+    m = q.create_model("qsd_tiny")
+    assert model_data(m) is None                                  # fresh: none
+    m.qsd_meta = {"training": {"data": "fashion-mnist"}}
+    assert model_data(m) == "fashion-mnist"
+    m.qsd_meta = {"data": "/data/imagenet", "training": {"data": "fashion-mnist"}}
+    assert model_data(m) == "/data/imagenet"                      # an explicit record wins
+    m.qsd_meta = {"data": "synthetic:64"}
+    assert model_data(m) is None                                  # noise is nobody's data
 
 
 # ----------------------------------------------------------------------------- BatchNorm re-estimation

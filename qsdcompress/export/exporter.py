@@ -1,7 +1,7 @@
 """``export``: a model to an ONNX file with packed low-bit weights, checked against onnxruntime.
 
-The file is written only when onnxruntime agrees with PyTorch on real images (see
-:func:`qsdcompress.export.runtime.check_parity`).
+The file is written only when it passes the parity contract against PyTorch on real images
+(:mod:`qsdcompress.export.parity`); ``check=False`` writes an unchecked file, marked so.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..data import DataConfig
+from ..data import DataConfig, model_data
 from ..errors import QsdError, one_line
 from ..io import META_KEY, atomic_path, ensure_writable_dir, package_versions
 from ..loading import resolve_source
@@ -23,7 +23,8 @@ from ..ui import console, quiet
 from .folding import export_module
 from .graph import BASE_OPSET, INT2_OPSET, clean_graph, pack_graph, trace
 from .integer import finish_integer_graph, integer_module, rewrite_integer
-from .runtime import DEFAULT_FLIP_FRACTION, DEFAULT_RTOL, check_parity, ort_session, parity_batch
+from .parity import check_parity
+from .runtime import parity_batch
 
 
 FORMATS = ("int", "qdq")
@@ -36,9 +37,9 @@ class ExportConfig:
     int2: bool = True                 # store b <= 2 weights as INT2 (opset 25); False: INT4
     opset: int | None = None          # None: 21, or 25 when INT2 initializers are written
     parity_samples: int = 64          # real images for the onnxruntime vs PyTorch check
-    data: str = "digits"              # where the parity images come from
-    rtol: float = DEFAULT_RTOL        # an image matches when |logit diff| <= rtol * max(1, max |logit|)
-    max_flip_fraction: float = DEFAULT_FLIP_FRACTION  # images allowed to differ (spike flips)
+    data: str | None = None           # parity images: None = the model's own data, else digits
+    check: bool = True                # False: write the file without the parity check (marked unchecked)
+    float64_samples: int = 0          # also compare file and PyTorch float32 with float64 on this many
     format: str = "int"               # int: spike-fed layers as integer kernels; qdq: DequantizeLinear + float ops
 
     def to_dict(self) -> dict:
@@ -59,6 +60,8 @@ def _resolve_config(config: ExportConfig | None, overrides: dict[str, Any]) -> E
         setattr(cfg, k, v)
     if cfg.parity_samples < 1:
         raise QsdError("parity samples must be at least 1")
+    if cfg.float64_samples < 0:
+        raise QsdError("--float64-samples must be >= 0")
     if cfg.format not in FORMATS:
         raise QsdError(f"unknown export format {cfg.format!r}; choose one of {', '.join(FORMATS)}")
     return cfg
@@ -132,14 +135,19 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
     cfg = _resolve_config(config, overrides)
     t0 = time.perf_counter()
     output = _output_path(output, workdir)
-    src_model, source = resolve_source(model, workdir, cfg.data)
+    src_model, source = resolve_source(model, workdir, cfg.data or "digits")
     src_model.eval()
-    x = parity_batch(src_model, cfg.data, cfg.parity_samples)
+    data = cfg.data or model_data(src_model) or "digits"
+    x = parity_batch(src_model, data, cfg.parity_samples)
     proto, facts = build_onnx(src_model, source, cfg, x[:2])
-    data = proto.SerializeToString()
-    parity = check_parity(ort_session(data), src_model, x, cfg.rtol, cfg.max_flip_fraction)
+    if cfg.check:
+        parity = {**check_parity(proto, src_model, x, float64_samples=min(cfg.float64_samples, len(x))),
+                  "parity_data": data, "parity": "checked"}
+    else:
+        parity = {"parity": "unchecked", "parity_ok": None}
+        _mark_unchecked(proto)
     with atomic_path(output) as tmp:
-        tmp.write_bytes(data)
+        tmp.write_bytes(proto.SerializeToString())
     size = model_size(src_model)
     sizes = {"weight_bits_bytes": size["size_bytes"], "quantized_weight_bytes": size["quantized_weight_bytes"]}
     file_bytes = output.stat().st_size
@@ -150,10 +158,22 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
         **parity, **facts, "seconds": round(time.perf_counter() - t0, 2),
     }
     if not quiet():
-        console.print(f"exported {output} ({cfg.format} format, {file_bytes:,} bytes; {res['file_vs_weight_bits']:.3f}x params*bits/8); "
-                      f"onnxruntime vs PyTorch on {parity['parity_samples']} images: max |logit diff| "
-                      f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement'] * 100:.1f}%")
+        check = ("NOT parity-checked (--unchecked)" if not cfg.check else
+                 f"parity checked on {parity['parity_samples']} images of {data}: {parity['layers_checked']} layers "
+                 f"fed PyTorch's spikes, {parity['spike_flips']} flips at fragile spikes, top-1 agreement "
+                 f"{parity['top1_agreement'] * 100:.1f}%")
+        console.print(f"exported {output} ({cfg.format} format, {file_bytes:,} bytes; "
+                      f"{res['file_vs_weight_bits']:.3f}x params*bits/8); {check}")
     return res
+
+
+def _mark_unchecked(proto: Any) -> None:
+    """Record in the file's metadata that no parity check ran."""
+    for prop in proto.metadata_props:
+        if prop.key == META_KEY:
+            meta = json.loads(prop.value)
+            meta["parity"] = "unchecked"
+            prop.value = json.dumps(meta, separators=(",", ":"))
 
 
 __all__ = ["ExportConfig", "export", "build_onnx", "FORMATS"]

@@ -601,12 +601,13 @@ def fold_into_matmul(proto) -> int:
             views.append(pp.producer[y])
             y = views[-1].input[0]
         mm, val = pp.only_reader(y, "MatMulIntegerToFloat"), pp.scalar(c)
-        if mm is None or val is None or mm.input[3] not in pp.inits:
+        if mm is None or val is None:
             continue
+        has_bias = len(mm.input) > 6 and bool(mm.input[6])
+        if mm.input[3] not in pp.inits or (has_bias and mm.input[6] not in pp.inits):
+            continue  # a scale or bias the graph computes (a Constant node, not an initializer) stays
         scale = arr(mm.input[3])
-        bias = arr(mm.input[6]) if len(mm.input) > 6 and mm.input[6] else np.zeros_like(scale)
-        if len(mm.input) > 6 and mm.input[6] and mm.input[6] not in pp.inits:
-            continue
+        bias = arr(mm.input[6]) if has_bias else np.zeros_like(scale)
         if n.op_type == "Mul":
             scale, bias = scale * val, bias * val
         else:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch.nn as nn
 
+from ..data import model_data
 from ..errors import QsdError
 from ..quant import FLOAT_BITS, QuantConfig, convert, layer_bits, plan_bits
 from ..report.accounting import collect, layer_rows, totals
@@ -151,7 +152,11 @@ class Planner:
     def __init__(self, model: nn.Module, config: QuantConfig, budget: Budget):
         self.model, self.config, self.budget = model, config, budget.validate()
         model.eval()
-        self.batches = validation_batches(model, config.calib_data, budget.samples)
+        data = config.calib_data or model_data(model)
+        if not data:
+            raise QsdError("a mixed-precision plan measures each layer group's damage on validation images: pass "
+                           "--data with images of the model's own data")
+        self.batches = validation_batches(model, data, budget.samples)
         self.images = [x for x, _ in self.batches]
         self.etable = EnergyTable.from_file(budget.energy_table) if budget.energy_table else EnergyTable()
         self.fixed = plan_bits(model, config, explicit_only=True)  # what --layer-bits etc. name
@@ -162,7 +167,7 @@ class Planner:
             self.ref = Reference.of(model, self.batches)
         else:
             self.table, self.ref, self.quantizer = measure_sensitivity(
-                model, self.batches, budget.candidate_bits, config.scale_init, config.mse_grid, config.calib_data)
+                model, self.batches, budget.candidate_bits, config.scale_init, config.mse_grid, data)
         self.problem, self.free = _problem(model, self.table, budget, self.fixed, self.images, self.etable)
         self.problem.base_size_bits += self._converted_extra_bits()
         _check_reachable(self.problem, budget)

@@ -10,14 +10,17 @@ import torch.nn as nn
 
 
 @torch.no_grad()
-def randomize_(model: nn.Module, images: torch.Tensor, seed: int = 0) -> nn.Module:
-    """In place: layer scales in 0.5-1, random BatchNorm affine, and BatchNorm running statistics
-    measured on ``images`` (real images: every spike level then occurs). Returns the model in eval."""
+def randomize_(model: nn.Module, images: torch.Tensor, seed: int = 0,
+               layer_scale: tuple[float, float] = (0.5, 1.0)) -> nn.Module:
+    """In place: layer scales uniform in ``layer_scale``, random BatchNorm affine, and BatchNorm
+    running statistics measured on ``images`` (real images: every spike level then occurs).
+    Returns the model in eval."""
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for name, p in model.named_parameters():
         if "layer_scale" in name:
-            p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
+            lo, hi = layer_scale
+            p.copy_(lo + (hi - lo) * torch.rand(p.shape, generator=g))
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -58,7 +58,9 @@ class QuantConfig:
     ie_lif_init: str = "identity"
     ie_lif_momentum: float = 0.1
     ie_lif_eps: float = 1e-5
-    calib_data: str = "digits"
+    # calibration images (a data spec); None: the data the model records as its own, else none
+    # (weight-only, float statistics kept: docs/method.md §3)
+    calib_data: str | None = None
     calib_samples: int | None = None    # calibration images; None: calib_batches x calib_batch_size (256)
     calib_batches: int = 8
     calib_batch_size: int = 32

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ..data import DataConfig, build_loader, first_samples
+from ..data import DataConfig, build_loader, first_samples, foreign_data_reason, model_data
 from ..errors import QsdError
 from ..io import load_state_dict_checked, strip_quant_extras
 from ..neurons import IELIF, AffineMultiSpike, iter_neurons
@@ -96,9 +96,9 @@ def import_reference_lsq(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn
     return model
 
 
-def calib_loader_for(model: nn.Module, config: QuantConfig):
-    """The loader of calibration images (train split of ``config.calib_data``; labels unused)."""
-    return build_loader(config.calib_data, "train", DataConfig.from_model(model), batch_size=config.calib_batch_size,
+def calib_loader_for(model: nn.Module, data: str, config: QuantConfig):
+    """The loader of calibration images (train split of ``data``; labels unused)."""
+    return build_loader(data, "train", DataConfig.from_model(model), batch_size=config.calib_batch_size,
                         shuffle=True, num_classes=getattr(model, "num_classes", 10), seed=0)
 
 
@@ -109,14 +109,61 @@ def _first_samples(loader: Iterable | None, n: int) -> list[torch.Tensor]:
     return [b[0] if isinstance(b, (list, tuple)) else b for b in first_samples(loader, n)]
 
 
+def _calibration_batches(model: nn.Module, config: QuantConfig, calib_loader: Iterable | None
+                         ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The calibration images and what they are: the caller's loader, else ``config.calib_data``,
+    else the data the model records as its own (:func:`~qsdcompress.data.model_data`), else none."""
+    n = config.num_calib_samples
+    if calib_loader is not None:
+        return _first_samples(calib_loader, n), {"data": None, "from": "the caller's loader", "own_data": True}
+    data = config.calib_data or model_data(model)
+    info: dict[str, Any] = {"data": data, "from": "given" if config.calib_data else "the model's metadata",
+                            "own_data": bool(data)}
+    if not data or n <= 0:
+        return [], {**info, "data": None, "from": None, "own_data": False}
+    loader = calib_loader_for(model, data, config)
+    reason = foreign_data_reason(model, data, loader)
+    if reason:
+        info.update(own_data=False, foreign=reason)
+    return _first_samples(loader, n), info
+
+
+def _reestimate_rule(m: nn.Module, config: QuantConfig, batches: list, info: dict) -> bool:
+    """Re-estimate BatchNorm: as asked, else (auto) at <= REESTIMATE_BN_BITS on the model's own data only."""
+    if config.reestimate_bn is not None:
+        if config.reestimate_bn and not batches:
+            raise QsdError("--reestimate-bn recomputes BatchNorm statistics on calibration images: pass --data "
+                           "with images of the model's own data")
+        return config.reestimate_bn
+    low_bits = min(layer_bits(m).values(), default=FLOAT_BITS) <= REESTIMATE_BN_BITS
+    return bool(batches) and low_bits and info["own_data"]
+
+
+def _skipped_note(config: QuantConfig, targets: list, batches: list, info: dict, reestimated: bool) -> str | None:
+    """One line: what calibration left out and which option supplies the data."""
+    if not batches:
+        ie = "; IE-LIF starts as the plain neuron (identity)" if targets else ""
+        return (f"no calibration data: weight-only quantization, BatchNorm statistics kept from the float "
+                f"model{ie}; pass --data with images of the model's own data to re-estimate BatchNorm "
+                f"(<= {REESTIMATE_BN_BITS} bits) and calibrate IE-LIF")
+    if info.get("foreign") and not reestimated:
+        return (f"calibration data not the model's own ({info['foreign']}): BatchNorm statistics kept from the "
+                f"float model (--reestimate-bn forces the re-estimation)")
+    if info.get("foreign"):
+        return f"BatchNorm re-estimated on data that is not the model's own ({info['foreign']}), as asked"
+    return None
+
+
 def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = None,
             calib_loader: Iterable | None = None, inplace: bool = False) -> nn.Module:
     """Quantize weights, put in IE-LIF neurons and calibrate; returns the converted model.
 
-    The float model survives unless ``inplace``. ``calib_loader`` yields image batches (or
-    ``(images, labels)``); ``None`` builds one from ``config.calib_data``. The first
-    ``config.num_calib_samples`` images calibrate. Sets ``model.qsd_quant_meta`` (with the
-    calibration data and image count) for ``qsdcompress.save``.
+    The float model survives unless ``inplace``. Calibration images (``config.num_calib_samples``
+    of them) come from ``calib_loader`` (image batches or ``(images, labels)``), else from
+    ``config.calib_data``, else from the data the model records as its own; with none, the
+    conversion is weight-only and keeps the float statistics (docs/method.md §3). BatchNorm is
+    re-estimated automatically only on the model's own data. ``model.qsd_quant_meta["calibration"]``
+    says what was done (``data``, ``samples``, ``batchnorm_reestimated``, ``note``).
     """
     if config is None:
         config = QuantConfig()
@@ -124,10 +171,10 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
         config = QuantConfig.from_dict(config)
     config.validate()
     targets = ie_lif_targets(model, config.ie_lif)  # errors before any work
-    calib_from = "the caller's loader" if calib_loader is not None else config.calib_data
-    if calib_loader is None and config.num_calib_samples > 0:
-        calib_loader = calib_loader_for(model, config)
-    batches = _first_samples(calib_loader, config.num_calib_samples)
+    batches, info = _calibration_batches(model, config, calib_loader)
+    if targets and config.ie_lif_init == "rectify" and not batches:
+        raise QsdError("--ie-lif-init rectify sets IE-LIF from the statistics of calibration images: pass --data "
+                       "with images of the model's own data (or use --ie-lif-init identity)")
     m = model if inplace else copy.deepcopy(model)
     was_training = m.training
     m.eval()
@@ -136,8 +183,7 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
         example = batches[0][:1] if batches else torch.zeros(1, *_input_size(m), dtype=ref.dtype)
         channels = neuron_channels(m, targets, example.to(device=ref.device, dtype=ref.dtype))
     quantize_(m, config)
-    reestimate = config.reestimate_bn if config.reestimate_bn is not None else \
-        min(layer_bits(m).values(), default=FLOAT_BITS) <= REESTIMATE_BN_BITS
+    reestimate = _reestimate_rule(m, config, batches, info)
     if targets:
         replace_with_ie_lif(m, channels, config.ie_lif_init, config.ie_lif_momentum, config.ie_lif_eps)
     if batches:
@@ -149,9 +195,11 @@ def convert(model: nn.Module, config: QuantConfig | Mapping[str, Any] | None = N
     m.train(was_training)
     source = dict((getattr(model, "qsd_meta", None) or {}).get("source") or {})
     m.qsd_quant_meta = quant_meta(m, config, source)
-    m.qsd_quant_meta["calibration"] = {"data": calib_from if batches else None,
-                                       "samples": sum(len(b) for b in batches),
-                                       "batchnorm_reestimated": bool(batches) and reestimate}
+    m.qsd_quant_meta["calibration"] = {
+        "data": info["data"] if batches else None, "samples": sum(len(b) for b in batches),
+        "from": info["from"] if batches else None, "own_data": bool(batches) and info["own_data"],
+        "batchnorm_reestimated": bool(batches) and reestimate,
+        "note": _skipped_note(config, targets, batches, info, reestimate)}
     return m
 
 
