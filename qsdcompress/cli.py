@@ -118,9 +118,11 @@ def _show_eval(r: dict) -> None:
               "inferred from the keys when omitted.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Weights file (.pth/.pt/.safetensors/.qsd); same as giving MODEL.")
-@click.option("--data", default="digits", show_default=True,
+@click.option("--data", default=None,
               help="digits | fashion-mnist[:DIR] | mnist:DIR | synthetic[:N] | cifar10:DIR | cifar100:DIR | "
-                   "an ImageFolder directory. With no MODEL, the bundled model of the data is used.")
+                   "an ImageFolder directory. Default: the data the model records (bundled models, .qsd and "
+                   "exported files), else digits. Data whose classes are not the model's is refused. With no "
+                   "MODEL, the bundled model of the data is used.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -128,7 +130,7 @@ def _show_eval(r: dict) -> None:
               help="binary: run every integer neuron as D binary spikes over D virtual steps.")
 @click.option("--max-batches", type=click.IntRange(1), default=None, help="Stop after this many batches.")
 @json_option
-def eval_cmd(model: str | None, arch: str | None, checkpoint: Path | None, data: str, split: str,
+def eval_cmd(model: str | None, arch: str | None, checkpoint: Path | None, data: str | None, split: str,
              batch_size: int, device: str, spike_mode: str | None, max_batches: int | None,
              as_json: bool) -> None:
     """Top-1/top-5 and loss of MODEL (default: the bundled digits model).

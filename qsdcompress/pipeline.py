@@ -21,7 +21,7 @@ from .config import DEFAULT_WORKDIR
 from .data import DataConfig, build_loader, data_name, foreign_data_reason, model_data, num_classes_of
 from .errors import QsdError
 from .export import export
-from .export.runtime import onnx_predictor
+from .export.runtime import onnx_metadata, onnx_predictor
 from .io import ensure_writable_dir, sha256_file
 from .loading import load, pick_device, resolve_model, save
 from .metrics import evaluate
@@ -35,29 +35,39 @@ from .ui import console
 from .zoo import bundled_path
 
 
-def evaluate_model(model: nn.Module | str | os.PathLike | None = None, data: str = "digits", split: str = "test",
+def evaluate_model(model: nn.Module | str | os.PathLike | None = None, data: str | None = None, split: str = "test",
                    batch_size: int = 128, device: str = "cpu", spike_mode: str | None = None,
                    arch: str | None = None, max_batches: int | None = None) -> dict:
-    """Top-1/top-5/loss of a model (or ``.qsd``/checkpoint/ONNX path; None = bundled) on a dataset."""
+    """Top-1/top-5/loss of a model (or ``.qsd``/checkpoint/ONNX path; None = bundled) on a dataset:
+    ``data``, else the data the model records as its own, else digits. Data whose classes are not
+    the model's is refused (one line naming both)."""
     if isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx"):
         predictor, cfg, num_classes = onnx_predictor(model)
+        data = data or onnx_metadata(model).get("data") or "digits"
         loader = build_loader(data, split, cfg, batch_size=batch_size, num_classes=num_classes)
+        _check_classes(num_classes, data, loader, str(model))
         return {**evaluate(predictor, loader, "cpu", description="eval (onnxruntime)", max_batches=max_batches),
                 "model": str(model), "data": data, "runtime": "onnxruntime"}
-    m = resolve_model(model, arch, data)
+    m = resolve_model(model, arch, data or "digits")
+    data = data or model_data(m) or "digits"
     dev = pick_device(device)
     m.to(dev)
     if spike_mode:
         set_spike_mode(m, spike_mode)
     loader = build_loader(data, split, DataConfig.from_model(m), batch_size=batch_size, num_classes=m.num_classes)
-    ds_classes = num_classes_of(loader.dataset)
-    if ds_classes is not None and ds_classes > m.num_classes:
-        raise QsdError(f"data {data!r} has {ds_classes} classes but the model predicts {m.num_classes}")
+    name = str(model) if model is not None and not isinstance(model, nn.Module) else getattr(m, "arch", "model")
+    _check_classes(m.num_classes, data, loader, name)
     out = evaluate(m, loader, dev, max_batches=max_batches)
     if spike_mode:
         set_spike_mode(m, "integer")
-    name = str(model) if model is not None and not isinstance(model, nn.Module) else getattr(m, "arch", "model")
     return {**out, "model": name, "data": data, "spike_mode": spike_mode or "integer"}
+
+
+def _check_classes(num_classes: int, data: str, loader: Any, name: str) -> None:
+    ds_classes = num_classes_of(loader.dataset)
+    if ds_classes is not None and ds_classes != num_classes:
+        raise QsdError(f"{name} predicts {num_classes} classes but --data {data} has {ds_classes}: an accuracy "
+                       f"would mean nothing; pass --data with the model's own test data")
 
 
 def _budget(budget: Budget | Mapping[str, Any] | None, options: dict[str, Any]) -> Budget | None:

@@ -126,10 +126,16 @@ def test_data_folder_problems(tmp_path):
     flat.mkdir()
     (flat / "a.png").write_bytes(b"not a png")
     assert_clean_error(invoke(["eval", "--data", flat], tmp_path), "no class subfolders")
-    bad = tmp_path / "badimg" / "cls"
-    bad.mkdir(parents=True)
-    (bad / "a.png").write_bytes(b"not a png")
+    for k in range(10):  # as many classes as the model, so that the images themselves are read
+        bad = tmp_path / "badimg" / f"cls{k}"
+        bad.mkdir(parents=True)
+        (bad / "a.png").write_bytes(b"not a png")
     assert_clean_error(invoke(["eval", "--data", tmp_path / "badimg"], tmp_path), "cannot read image")
+    one = tmp_path / "oneclass" / "cls"
+    one.mkdir(parents=True)
+    (one / "a.png").write_bytes(b"not a png")
+    assert_clean_error(invoke(["eval", "--data", tmp_path / "oneclass"], tmp_path),
+                       "predicts 10 classes but --data")
 
 
 def test_workdir_under_a_file_is_refused_before_any_work(tmp_path, monkeypatch):

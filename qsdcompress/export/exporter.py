@@ -114,6 +114,7 @@ def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> 
         "data_config": _data_config_dict(src_model),
         "weight_bits": {k[: -len(".weight")]: v.bits for k, v in registry.items()},
         "export": cfg.to_dict(), "format": cfg.format, "opset": opset, "versions": package_versions(),
+        **({"data": model_data(src_model)} if model_data(src_model) else {}),
     }
     proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, separators=(",", ":")))
     proto.producer_name = "qsdcompress"
