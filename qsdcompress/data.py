@@ -378,15 +378,20 @@ def model_data(model: Any) -> str | None:
     return None
 
 
+def class_mismatch(num_classes: int | None, data: str, dataset: Dataset | None) -> str | None:
+    """``"<data> has k classes, the model predicts n"`` when a labelled data set's class count is
+    not the model's, else None."""
+    classes = num_classes_of(dataset) if dataset is not None else None
+    if classes is not None and num_classes is not None and classes != num_classes:
+        return f"{data} has {classes} classes, the model predicts {num_classes}"
+    return None
+
+
 def foreign_data_reason(model: Any, data: str, loader: Any) -> str | None:
     """Why ``data`` is not of the model's kind (synthetic noise, another class count), or None."""
     if data_name(data) == "synthetic":
         return f"{data} is random noise"
-    classes = num_classes_of(loader.dataset) if loader is not None and hasattr(loader, "dataset") else None
-    own = getattr(model, "num_classes", None)
-    if classes is not None and own is not None and classes != own:
-        return f"{data} has {classes} classes, the model predicts {own}"
-    return None
+    return class_mismatch(getattr(model, "num_classes", None), data, getattr(loader, "dataset", None))
 
 
 def num_classes_of(ds: Dataset) -> int | None:
@@ -465,7 +470,7 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 __all__: Sequence[str] = [
     "DataConfig", "build_dataset", "build_loader", "digits_dataset", "synthetic_dataset",
-    "resize_batch", "num_classes_of", "model_data", "foreign_data_reason", "random_shift", "random_hflip",
+    "resize_batch", "num_classes_of", "model_data", "foreign_data_reason", "class_mismatch", "random_shift", "random_hflip",
     "read_idx", "idx_dataset", "stratified_holdout",
     "to_model_input", "first_samples",
 ]

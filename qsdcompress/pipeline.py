@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from .config import DEFAULT_WORKDIR
-from .data import DataConfig, build_loader, data_name, foreign_data_reason, model_data, num_classes_of
+from .data import (DataConfig, build_loader, class_mismatch, data_name, foreign_data_reason, model_data,
+                   num_classes_of)
 from .errors import QsdError
 from .export import export
 from .export.runtime import onnx_metadata, onnx_predictor
@@ -64,10 +65,10 @@ def evaluate_model(model: nn.Module | str | os.PathLike | None = None, data: str
 
 
 def _check_classes(num_classes: int, data: str, loader: Any, name: str) -> None:
-    ds_classes = num_classes_of(loader.dataset)
-    if ds_classes is not None and ds_classes != num_classes:
-        raise QsdError(f"{name} predicts {num_classes} classes but --data {data} has {ds_classes}: an accuracy "
-                       f"would mean nothing; pass --data with the model's own test data")
+    mismatch = class_mismatch(num_classes, f"--data {data}", loader.dataset)
+    if mismatch:
+        raise QsdError(f"{name}: {mismatch}: an accuracy would mean nothing; pass --data with the model's own "
+                       f"test data")
 
 
 def _budget(budget: Budget | Mapping[str, Any] | None, options: dict[str, Any]) -> Budget | None:

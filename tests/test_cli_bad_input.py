@@ -135,7 +135,7 @@ def test_data_folder_problems(tmp_path):
     one.mkdir(parents=True)
     (one / "a.png").write_bytes(b"not a png")
     assert_clean_error(invoke(["eval", "--data", tmp_path / "oneclass"], tmp_path),
-                       "predicts 10 classes but --data")
+                       "oneclass has 1 classes, the model predicts 10")
 
 
 def test_workdir_under_a_file_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -105,6 +105,7 @@ def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> 
         raise QsdError(f"INT2 weights need opset >= {INT2_OPSET}; pass --no-int2 to store them as INT4")
     proto, graph_facts = _graph(module, registry, sample, opset, use_int2, cfg.format)
     widths = sorted({q.bits for q in registry.values()})
+    own_data = model_data(src_model)
     facts = {"format": cfg.format, "opset": opset, **graph_facts, "T": int(getattr(src_model, "T", 1)),
              "int2": "used" if use_int2 else ("not needed" if cfg.int2 else "off (b<=2 stored as INT4)"),
              "layer_bits": {b: sum(1 for q in registry.values() if q.bits == b) for b in widths}}
@@ -114,7 +115,7 @@ def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> 
         "data_config": _data_config_dict(src_model),
         "weight_bits": {k[: -len(".weight")]: v.bits for k, v in registry.items()},
         "export": cfg.to_dict(), "format": cfg.format, "opset": opset, "versions": package_versions(),
-        **({"data": model_data(src_model)} if model_data(src_model) else {}),
+        **({"data": own_data} if own_data else {}),
     }
     proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, separators=(",", ":")))
     proto.producer_name = "qsdcompress"

@@ -39,7 +39,7 @@ from .runtime import ort_session
 
 FRAGILE_REL = 1e-5   # float32 rounding moves a membrane input by far less (docs/method.md §7)
 RTOL = 1e-4          # logits from the same spikes: |diff| <= RTOL * max(1, max |logit|)
-CHUNK = 8            # images per reference pass (the float64 activations of a 224 px model are large)
+CHUNK = 8            # images per pass (every neuron's counts of a 224 px model are held at once)
 _UINT8, _FLOAT = 2, 1
 
 
@@ -103,10 +103,13 @@ def _reference_pass(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, list
     return logits, records
 
 
-def _layouts(rec_t: torch.Tensor) -> dict[str, np.ndarray]:
-    """A ``(T*B, C, S)`` tensor flattened channels-first and channels-last (token-major)."""
+def _flat(rec_t: torch.Tensor, layout: str) -> np.ndarray:
+    """A ``(T*B, C, S)`` tensor flattened channels-first (``cf``) or channels-last (``cl``, token-major)."""
     tb = rec_t.shape[0]
-    return {"cf": rec_t.reshape(tb, -1).numpy(), "cl": rec_t.permute(0, 2, 1).reshape(tb, -1).numpy()}
+    return (rec_t if layout == "cf" else rec_t.permute(0, 2, 1)).reshape(tb, -1).numpy()
+
+
+LAYOUTS = ("cf", "cl")
 
 
 def spike_tensors(proto: Any) -> list[tuple[str, int]]:
@@ -188,7 +191,7 @@ def _match(records: list[_Record], values: dict[str, np.ndarray], candidates: li
     last = -1
     sites, unmatched = [], []
     for rec in records:
-        layouts = {k: _sample(v.reshape(-1)) for k, v in _layouts(rec.counts).items()}
+        layouts = {k: _sample(_flat(rec.counts, k).reshape(-1)) for k in LAYOUTS}
         scored = [(float((sampled[name] != ref).mean()), name, et, layout)
                   for name, et in candidates if name not in used and values[name].size == rec.counts.numel()
                   for layout, ref in layouts.items()]
@@ -211,15 +214,16 @@ class ParityReport:
     logits: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"x": [], "pt": [], "cut": []})
     sites: list[_Site] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    cut_session: Any = None   # the file cut at the located neurons (made on the first chunk)
 
 
 def _feed(site: _Site, rec: _Record, shape: tuple[int, ...]) -> np.ndarray:
-    arr = _layouts(rec.counts)[site.layout].reshape(shape)
+    arr = _flat(rec.counts, site.layout).reshape(shape)
     return arr.astype(np.uint8 if site.elem_type == _UINT8 else np.float32)
 
 
 def _check_chunk(rep: ParityReport, sess: Any, proto: Any, model: nn.Module, x: torch.Tensor,
-                 candidates: list[tuple[str, int]], cut_sess: list) -> None:
+                 candidates: list[tuple[str, int]]) -> None:
     """One chunk: PyTorch with its spikes, the file as is (with the candidate tensors), the cut file."""
     logits, records = _reference_pass(model, x)
     rep.logits["pt"].append(logits)
@@ -227,19 +231,19 @@ def _check_chunk(rep: ParityReport, sess: Any, proto: Any, model: nn.Module, x: 
     outs = sess.run([OUTPUT_NAME] + names, {INPUT_NAME: x.float().numpy()})
     rep.logits["x"].append(outs[0])
     values = dict(zip(names, outs[1:]))
-    if not cut_sess:  # the first chunk locates the neurons
+    if rep.cut_session is None:  # the first chunk locates the neurons
         rep.sites, rep.unmatched = _match(records, values, candidates)
-        cut_sess.append(ort_session(_cut(proto, rep.sites).SerializeToString()))
+        rep.cut_session = ort_session(_cut(proto, rep.sites).SerializeToString())
     by_name = {r.name: r for r in records}
     feeds = {INPUT_NAME: x.float().numpy()}
     for s in rep.sites:
         feeds[s.tensor + "__fed"] = _feed(s, by_name[s.neuron], values[s.tensor].shape)
-    cut_out = cut_sess[0].run([OUTPUT_NAME] + [s.tensor for s in rep.sites], feeds)
+    cut_out = rep.cut_session.run([OUTPUT_NAME] + [s.tensor for s in rep.sites], feeds)
     rep.logits["cut"].append(cut_out[0])
     for s, got in zip(rep.sites, cut_out[1:]):
         rec = by_name[s.neuron]
-        want = _layouts(rec.counts)[s.layout]
-        fragile = _layouts(rec.fragile)[s.layout]
+        want = _flat(rec.counts, s.layout)
+        fragile = _flat(rec.fragile, s.layout)
         diff = got.reshape(want.shape).astype(np.int64) != want
         s.flips += int(diff.sum())
         s.unexplained += int((diff & ~fragile).sum())
@@ -256,9 +260,8 @@ def measure_parity(proto: Any, model: nn.Module, x: torch.Tensor, float64_sample
     candidates = spike_tensors(proto)
     sess = ort_session(_with_outputs(proto, candidates).SerializeToString())
     rep = ParityReport(n=int(x.shape[0]))
-    cut_sess: list = []
     for i in range(0, x.shape[0], chunk):
-        _check_chunk(rep, sess, proto, model, x[i:i + chunk], candidates, cut_sess)
+        _check_chunk(rep, sess, proto, model, x[i:i + chunk], candidates)
     res = _summary(rep)
     if float64_samples > 0:
         res["float64"] = _against_float64(model, x[:float64_samples], np.concatenate(rep.logits["x"]),
