@@ -11,8 +11,9 @@ import torch.nn as nn
 import qsdcompress as q
 from qsdcompress.data import DataConfig, build_loader, data_name, first_samples
 from qsdcompress.distill import BUNDLED_VITS
+from qsdcompress.loading import model_file
 from qsdcompress.quant import QuantConfig, convert
-from qsdcompress.report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
+from qsdcompress.reporting.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from qsdcompress.train import finetune
 from qsdcompress.zoo import bundled_path
 
@@ -39,10 +40,11 @@ ABLATION = {
 }
 
 
-def resolve_teacher(teacher: str, data: str) -> str:
-    """``float``: the bundled float SNN of ``data``; ``vit``: its bundled ViT; else as given."""
+def resolve_teacher(teacher: str, data: str, float_model_file: str | None = None) -> str:
+    """``float``: the float SNN (``float_model_file``, a file or bundled name; default the bundled
+    SNN of ``data``); ``vit``: the bundled ViT of ``data``; else as given."""
     if teacher == "float":
-        return str(bundled_path(data=data))
+        return str(model_file(float_model_file)) if float_model_file else str(bundled_path(data=data))
     if teacher == "vit":
         name = next((name for name, vit in BUNDLED_VITS.items() if vit.data == data_name(data)), None)
         if name is None:
@@ -69,12 +71,13 @@ def spike_diagnosis(model: nn.Module, data: str, images: int = 1000) -> dict:
 
 
 def one_run(float_model: nn.Module, data: str, bits: int, convert_opts: dict, seed: int = 0,
-            diagnose: bool = False, **ft) -> dict:
-    """convert (calibrated on ``data``) then finetune with ``ft``; the kept model's test top-1."""
+            diagnose: bool = False, float_model_file: str | None = None, **ft) -> dict:
+    """convert (calibrated on ``data``) then finetune with ``ft``; the kept model's test top-1.
+    ``float_model_file`` names ``float_model``'s file (the ``float`` teacher)."""
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     model = convert(float_model, QuantConfig(bits=bits, calib_data=data, **convert_opts))
-    teacher = resolve_teacher(ft.pop("teacher", "ann"), data)
+    teacher = resolve_teacher(ft.pop("teacher", "ann"), data, float_model_file)
     with tempfile.TemporaryDirectory() as d:
         r = finetune(model, teacher=teacher, data=data, workdir=d, seed=seed, **ft)
         out = {"bits": bits, **convert_opts, "seed": seed, **ft, "teacher": teacher,

@@ -1,6 +1,7 @@
 """The method on Fashion-MNIST: post-training quantization, QAT, the ablation and the q/k/v
-spike diagnosis, on the bundled ``qsd_tiny_fmnist`` model (data: ``apt-get install
-dataset-fashion-mnist``, or ``--data fashion-mnist:DIR``).
+spike diagnosis, on a bundled Fashion-MNIST model (``--model``: ``qsd_tiny_fmnist`` by default, or
+``qsd_8_256_fmnist``, the reference topology; data: ``apt-get install dataset-fashion-mnist``, or
+``--data fashion-mnist:DIR``).
 
     python benchmarks/fmnist.py ptq       [--bits 8 4 3 2 1]
     python benchmarks/fmnist.py qat       [--bits 4 3 2 1] [--steps 300]
@@ -9,7 +10,8 @@ dataset-fashion-mnist``, or ``--data fashion-mnist:DIR``).
     python benchmarks/fmnist.py table     # markdown tables of everything in --out
     python benchmarks/fmnist.py plot      # q/k/v level histograms -> benchmarks/fmnist_qkv_histograms.png
 
-Every result is one JSON line appended to ``--out`` (default ``benchmarks/fmnist_results.jsonl``)
+Every result is one JSON line appended to ``--out`` (default ``benchmarks/fmnist_results.jsonl``,
+``benchmarks/fmnist_results_MODEL.jsonl`` for another ``--model``)
 as soon as it is measured, so an interrupted run loses nothing. Validation (5,000 images held out
 of the training set) chooses; test (10,000 images) is what the tables report. QAT budget: the
 same ``--steps`` optimizer steps at batch 64 for every configuration, validated every
@@ -30,8 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qsdcompress as q  # noqa: E402
 from _qat import ABLATION, one_run, spike_diagnosis  # noqa: E402
-from qsdcompress.io import machine_description  # noqa: E402
-from qsdcompress.loading import bundled_model  # noqa: E402
+from qsdcompress.provenance import machine_description  # noqa: E402
 from qsdcompress.quant import QuantConfig, convert  # noqa: E402
 
 PTQ_IE_LIF = {"none": dict(ie_lif="none"), "identity": dict(ie_lif="qkv", ie_lif_init="identity"),
@@ -39,7 +40,8 @@ PTQ_IE_LIF = {"none": dict(ie_lif="none"), "identity": dict(ie_lif="qkv", ie_lif
 
 
 def emit(args, row: dict) -> None:
-    row = {"section": args.what, "data": args.data, "threads": args.threads, **row, "machine": machine_description()}
+    row = {"section": args.what, "model": args.model, "data": args.data, "threads": args.threads, **row,
+           "machine": machine_description()}
     print(json.dumps(row), flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -69,7 +71,8 @@ def qat_options(args) -> dict:
 def qat(args, fm) -> None:
     conv, ft = ABLATION["full"]
     for bits in args.bits:
-        emit(args, {"config": "full", **one_run(fm, args.data, bits, conv, seed=0, **ft, **qat_options(args))})
+        emit(args, {"config": "full", **one_run(fm, args.data, bits, conv, seed=0, float_model_file=args.model,
+                                                **ft, **qat_options(args))})
 
 
 def ablation(args, fm) -> None:
@@ -78,7 +81,7 @@ def ablation(args, fm) -> None:
             conv, ft = ABLATION[name]
             for seed in args.seeds:
                 emit(args, {"config": name, **one_run(fm, args.data, bits, conv, seed=seed, diagnose=True,
-                                                      **ft, **qat_options(args))})
+                                                      float_model_file=args.model, **ft, **qat_options(args))})
 
 
 def diagnosis(args, fm) -> None:
@@ -193,6 +196,8 @@ def _paired(groups: dict[tuple, list[dict]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["ptq", "qat", "ablation", "diagnosis", "table", "plot"])
+    ap.add_argument("--model", default="qsd_tiny_fmnist",
+                    help="a bundled model (qsdcompress list) or a float .qsd file of the data")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--bits", type=int, nargs="+", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -206,12 +211,14 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["float", "ptq"], help="diagnosis: include the float model")
     ap.add_argument("--figure", default=str(Path(__file__).resolve().parent / "fmnist_qkv_histograms.png"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "fmnist_results.jsonl"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/fmnist_results[_MODEL].jsonl")
     a = ap.parse_args()
+    suffix = "" if a.model == "qsd_tiny_fmnist" else f"_{Path(a.model).stem}"
+    a.out = a.out or str(Path(__file__).resolve().parent / f"fmnist_results{suffix}.jsonl")
     a.bits = a.bits or {"ptq": [8, 4, 3, 2, 1], "qat": [4, 3, 2, 1], "ablation": [2, 4],
                         "diagnosis": [4, 2]}.get(a.what, [])
     torch.set_num_threads(a.threads)
-    fm = None if a.what in ("table", "plot") else bundled_model(data=a.data)
+    fm = None if a.what in ("table", "plot") else q.load(a.model).eval()
     {"ptq": ptq, "qat": qat, "ablation": ablation, "diagnosis": diagnosis, "table": table, "plot": plot}[a.what](a, fm)
 
 

@@ -3,7 +3,7 @@
     python benchmarks/mixed_precision.py --data fashion-mnist --threads 1 \\
         --json-out mp.json --plot docs/mixed_precision_pareto.png
 
-On the bundled model of ``--data`` (``qsd_tiny_fmnist`` for Fashion-MNIST):
+On ``--model`` (default the bundled ``qsd_tiny_fmnist``; ``qsd_8_256_fmnist`` is the reference topology):
 
 * uniform W1, W2, W3, W4, W8 (``convert --bits B``);
 * mixed plans (``convert --target-size-mb``) at the size of uniform W2, of uniform W3 and at
@@ -31,13 +31,12 @@ from pathlib import Path
 import torch
 
 import qsdcompress as q
-from qsdcompress.io import cpu_name
-from qsdcompress.loading import resolve_model
+from qsdcompress.provenance import cpu_name
+from qsdcompress.loading import model_file
 from qsdcompress.mixed import Budget, convert_to_budget, measure_sensitivity, validation_batches
 from qsdcompress.quant import QuantConfig, convert
 from qsdcompress.sizing import model_size
 from qsdcompress.train import finetune
-from qsdcompress.zoo import bundled_path
 
 UNIFORM = (1, 2, 3, 4, 8)
 
@@ -53,7 +52,7 @@ def test_top1(model, data: str) -> float:
 def qat(model, args, seed: int) -> dict:
     """The fixed QAT budget from ``model`` (left unchanged); test top-1 of the kept model."""
     with tempfile.TemporaryDirectory() as d:
-        r = finetune(copy.deepcopy(model), teacher=str(bundled_path(data=args.data)), data=args.data, seed=seed,
+        r = finetune(copy.deepcopy(model), teacher=str(model_file(args.model)), data=args.data, seed=seed,
                      steps=args.qat_steps, limit_train_batches=args.qat_epoch_steps, batch_size=64,
                      eval_max_batches=args.val_batches, eval_batch_size=256, workdir=d, threads=args.threads)
         top1 = test_top1(r["output"], args.data)
@@ -152,6 +151,8 @@ def plot(rows: list[dict], float_top1: float, path: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qsd_tiny_fmnist",
+                    help="a bundled model (qsdcompress list) or a float .qsd file of the data")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples", type=int, default=256, help="validation images of the sensitivity and plans")
@@ -174,7 +175,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
-    float_model = resolve_model(None, data=args.data)
+    float_model = q.load(args.model).eval()
     float_top1 = test_top1(float_model, args.data)
     batches = validation_batches(float_model, args.data, args.samples)
     table, _, _ = measure_sensitivity(float_model, batches, data=args.data)

@@ -18,7 +18,7 @@ import qsdcompress as q
 from qsdcompress.config import FinetuneConfig
 from qsdcompress.data import DataConfig, build_loader
 from qsdcompress.metrics import evaluate
-from qsdcompress.report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
+from qsdcompress.reporting.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from qsdcompress.train import run_finetune
 
 

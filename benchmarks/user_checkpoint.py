@@ -35,12 +35,13 @@ def make_checkpoint(arch: str, path: Path) -> None:
 
 
 def run(args: list[str]) -> tuple[dict, float]:
+    """One CLI command in its own process, as a user runs it: its JSON and wall seconds."""
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "qsdcompress.cli", *args, "--json"], capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout), seconds
+    return json.loads(r.stdout), round(seconds, 1)
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--parity-samples", type=int, default=16)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    from qsdcompress.io import machine_description
+    from qsdcompress.provenance import machine_description
 
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(d) / f"ref_{a.arch}.pth"

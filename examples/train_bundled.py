@@ -18,7 +18,9 @@ import torch.nn.functional as F
 import qsdcompress as q
 from qsdcompress.data import DataConfig, build_loader, random_shift
 from qsdcompress.metrics import evaluate
-from qsdcompress.zoo import BUNDLED_ANN, BUNDLED_SNN
+from qsdcompress.zoo import MODELS
+
+BUNDLED_SNN, BUNDLED_ANN = MODELS["qsd_tiny_digits"].path, MODELS["qsd_tiny_digits_ann"].path
 
 
 def train(ann: bool, epochs: int, seed: int, lr: float, out: Path) -> dict:

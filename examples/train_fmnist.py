@@ -42,7 +42,9 @@ import qsdcompress as q
 from qsdcompress.data import DataConfig, build_dataset, random_hflip, random_shift
 from qsdcompress.metrics import evaluate
 from qsdcompress.train import save_checkpoint
-from qsdcompress.zoo import FMNIST_ANN, FMNIST_SNN
+from qsdcompress.zoo import MODELS
+
+FMNIST_SNN, FMNIST_ANN = MODELS["qsd_tiny_fmnist"].path, MODELS["qsd_tiny_fmnist_ann"].path
 
 ARCH = "qsd_tiny_fmnist"
 
@@ -191,9 +193,15 @@ def train(ann: bool, a: argparse.Namespace, out: Path) -> dict:
 
 
 def finish(model: torch.nn.Module, a: argparse.Namespace, out: Path, loaders: dict[str, DataLoader], best: dict,
-           history: list[dict], seconds: float, tag: str, stage: dict) -> dict:
+           history: list[dict], seconds: float, tag: str, stage: dict, half: bool = False) -> dict:
     """Measure the kept epoch (val, test, the attention ablation) and save it with its whole recipe
-    (``stage``: the metadata fields that depend on the stage, stored as they are)."""
+    (``stage``: the metadata fields that depend on the stage, stored as they are). ``half``: the
+    weights are rounded to float16 first, so what is measured is what the float16 file holds."""
+    if half:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.dtype == torch.float32:
+                    t.copy_(t.half().float())
     abl = ablation(model, loaders)
     val, test = abl["none removed"]["val"], abl["none removed"]["test"]
     print(f"{tag}: best epoch {best['epoch']}: val top1 {val:.4f}, test top1 {test:.4f}, {seconds:.0f}s training")
@@ -202,7 +210,7 @@ def finish(model: torch.nn.Module, a: argparse.Namespace, out: Path, loaders: di
     for name, r in abl.items():
         print(f"  {name:<18} {r['val']:>7.4f} {r['test']:>7.4f}")
     if not a.subset:
-        q.save(model, out, kind="float", training={
+        q.save(model, out, kind="float", half=half, training={
             "script": "examples/train_fmnist.py", "data": a.data, "seed": a.seed, **stage,
             "epochs_done": len(history), "best_epoch": best["epoch"], "best_is_ema": bool(best.get("ema")),
             "ema_decay": a.ema, "batch_size": a.batch_size, "weight_decay": a.wd,

@@ -9,6 +9,7 @@ grid. The 28x28 images are augmented at 28 px as ``examples/train_fmnist.py`` do
     python examples/train_fmnist_8_256.py --out runs/qsd_8_256_fmnist            # start
     python examples/train_fmnist_8_256.py --out runs/qsd_8_256_fmnist --resume   # continue after a kill
     python examples/train_fmnist_8_256.py --out runs/qsd_8_256_fmnist --finish   # save the best epoch so far
+    python examples/train_fmnist_8_256.py --out runs/qsd_8_256_fmnist --ann      # then its counterpart ANN
     python examples/train_fmnist_8_256.py --bench 20 --threads 1                 # time 20 steps, estimate
 
 Interruption-safe: ``OUT/checkpoint.pt`` (model, optimiser, scheduler, EMA, RNG states, position in
@@ -18,7 +19,13 @@ resumed run is the run that was not interrupted). ``OUT/curve.jsonl`` holds one 
 (train loss, val top-1 of the weights and of their EMA, seconds, the machine). The kept epoch is the
 best on val (5,000 images held out of the 60,000 training images; weights or EMA); test is measured
 once, on it, with the attention knock-out of ``train_fmnist.py``; it is saved as
-``OUT/qsd_8_256_fmnist.qsd``.
+``OUT/qsd_8_256_fmnist.qsd`` in float16 (16 MB; the weights are rounded to float16 before val and
+test are measured, so the figures are those of the stored file).
+
+``--ann`` trains the counterpart ANN as ``train_fmnist.py --only ann`` does: the same topology and
+parameters with clamped-ReLU activations, initialised from ``OUT/qsd_8_256_fmnist.qsd`` and trained
+2 epochs at peak lr 1e-3 (checkpoints and curve in ``OUT/ann/``, saved as
+``OUT/ann/qsd_8_256_fmnist_ann.qsd``). Copy both files into ``qsdcompress/zoo/`` to bundle them.
 
 Cost (AMD EPYC, family 25 model 17, one torch thread; ``--bench 20``): 1.65-1.9 s per step of 64
 images (34-39 images/s; 1.9 s while other processes shared the two cores), val about 120 images/s:
@@ -41,7 +48,8 @@ from torch.utils.data import DataLoader
 
 import qsdcompress as q
 from qsdcompress.data import DataConfig, build_dataset, resize_batch
-from qsdcompress.io import atomic_path, machine_description
+from qsdcompress.io import atomic_path
+from qsdcompress.provenance import machine_description
 from qsdcompress.metrics import evaluate
 from qsdcompress.models import model_config
 from qsdcompress.train import save_checkpoint
@@ -55,14 +63,22 @@ SOURCE_SIZE = 28  # Fashion-MNIST's own size: augmentation happens there, as for
 # the arguments a checkpoint must be resumed with (the others, e.g. --threads, may change)
 RECIPE = ("data", "seed", "epochs", "lr", "wd", "smoothing", "batch_size", "warmup_epochs", "ema",
           "img_size", "subset")
+#: the counterpart ANN's recipe where the command line does not say otherwise
+ANN_DEFAULTS = {"epochs": 2, "lr": 1e-3, "warmup_epochs": 0.1}
 
 
-def build_model(img_size: int) -> torch.nn.Module:
+def build_model(img_size: int, ann: bool = False) -> torch.nn.Module:
     """``qsd_8_256`` with one input channel, ten classes, ``img_size`` px and Fashion-MNIST's
-    normalisation (that of ``qsd_tiny_fmnist``); channels-last (mkldnn trains faster so)."""
+    normalisation (that of ``qsd_tiny_fmnist``); channels-last (mkldnn trains faster so).
+    ``ann``: clamped-ReLU activations in place of the spiking neurons."""
     fm = model_config("qsd_tiny_fmnist")
-    model = q.create_model(ARCH, in_chans=1, num_classes=10, img_size=img_size, mean=fm.mean, std=fm.std)
+    model = q.create_model(ARCH, in_chans=1, num_classes=10, img_size=img_size, mean=fm.mean, std=fm.std,
+                           **({"neuron": "relu"} if ann else {}))
     return model.to(memory_format=torch.channels_last)
+
+
+def snn_file(a: argparse.Namespace) -> Path:
+    return Path(a.out) / f"{NAME}.qsd"
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -76,7 +92,11 @@ class Run:
     def __init__(self, a: argparse.Namespace):
         torch.manual_seed(a.seed)
         self.a = a
-        self.model = build_model(a.img_size)
+        self.model = build_model(a.img_size, a.ann)
+        if a.ann:  # the counterpart ANN starts from the trained SNN's parameters
+            if not snn_file(a).is_file():
+                raise SystemExit(f"--ann starts from the trained SNN: {snn_file(a)} is missing (train it first)")
+            self.model.load_state_dict(q.load(snn_file(a)).state_dict())
         self.cfg = DataConfig.from_model(self.model)
         self.src = dataclasses.replace(self.cfg, input_size=(1, SOURCE_SIZE, SOURCE_SIZE))
         self.x, self.y = build_dataset(a.data, "train", self.src).tensors
@@ -154,7 +174,9 @@ def end_of_epoch(run: Run, loaders: dict[str, DataLoader]) -> None:
 def train(a: argparse.Namespace) -> dict | None:
     """Train (or continue) to the end of the schedule and report the kept epoch; None when
     ``--stop-after`` ended this process first (a checkpoint holds where it stopped)."""
-    out = Path(a.out)
+    out = Path(a.out) / "ann" if a.ann else Path(a.out)
+    name = f"{NAME}_ann" if a.ann else NAME
+    out.mkdir(parents=True, exist_ok=True)
     ckpt, curve = out / "checkpoint.pt", out / "curve.jsonl"
     run = Run(a)
     if ckpt.is_file() and not (a.resume or a.finish):
@@ -199,11 +221,13 @@ def train(a: argparse.Namespace) -> dict | None:
     if run.best["state"] is None:
         raise SystemExit(f"--finish: no epoch of {ckpt} has ended yet")
     run.model.load_state_dict(run.best["state"])
-    return base.finish(run.model, a, out / f"{NAME}.qsd", loaders, run.best, run.history, round(run.seconds, 1),
-                       NAME, {"script": "examples/train_fmnist_8_256.py", "arch": ARCH, "img_size": a.img_size,
+    init = f"trained SNN ({snn_file(a).name})" if a.ann else "random"
+    return base.finish(run.model, a, out / f"{name}.qsd", loaders, run.best, run.history, round(run.seconds, 1),
+                       name, {"script": "examples/train_fmnist_8_256.py", "arch": ARCH, "img_size": a.img_size,
                               "input": f"{SOURCE_SIZE} px augmented, bilinear to {a.img_size} px",
                               "parameters": n_params, "epochs": a.epochs, "lr": a.lr,
-                              "warmup_epochs": a.warmup_epochs, "init": "random", "machine": run.machine})
+                              "warmup_epochs": a.warmup_epochs, "init": init, "machine": run.machine,
+                              "stored_dtype": "float16" if a.half else "float32"}, half=a.half)
 
 
 def bench(a: argparse.Namespace) -> None:
@@ -237,12 +261,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("runs") / NAME,
                     help="checkpoint, curve and the kept model (default runs/qsd_8_256_fmnist)")
     ap.add_argument("--img-size", type=int, default=64, help="64: the smallest size with a 4x4 token grid")
-    ap.add_argument("--epochs", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ann", action="store_true",
+                    help="train the counterpart ANN from OUT/qsd_8_256_fmnist.qsd (2 epochs at lr 1e-3 by default)")
+    ap.add_argument("--epochs", type=int, default=None, help="16 (the ANN: 2)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate, 1e-3")
     ap.add_argument("--wd", type=float, default=0.05)
     ap.add_argument("--smoothing", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine to zero")
+    ap.add_argument("--warmup-epochs", type=float, default=None,
+                    help="linear warm-up, then cosine to zero: 1 (the ANN: 0.1)")
     ap.add_argument("--ema", type=float, default=0.9995, help="EMA decay of the weights (a second candidate); 0 = off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -254,7 +281,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stop-after", type=int, default=0,
                     help="end this process after N steps, checkpoint written (tests; pilots)")
     ap.add_argument("--bench", type=int, default=0, help="time N training steps, print the estimate, exit")
-    return ap.parse_args(argv)
+    ap.add_argument("--no-half", dest="half", action="store_false",
+                    help="store the kept model in float32 (default: float16, measured as stored)")
+    a = ap.parse_args(argv)
+    defaults = ANN_DEFAULTS if a.ann else {"epochs": 16, "lr": 1e-3, "warmup_epochs": 1.0}
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from qsdcompress.data import DataConfig, build_loader, random_hflip, random_shift
 from qsdcompress.distill import BUNDLED_VITS
-from qsdcompress.io import atomic_path, package_versions
+from qsdcompress.io import atomic_path
+from qsdcompress.provenance import package_versions
 from qsdcompress.metrics import evaluate
 
 

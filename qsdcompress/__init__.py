@@ -7,8 +7,8 @@ Python API (the CLI is a thin layer over it)::
     q.eval(model)                    # {'top1': ..., 'top5': ..., 'loss': ..., 'samples': ...}
     q.export(q.convert(model, bits=4), "model.onnx")
 
-``qsdcompress.export`` and ``qsdcompress.report`` are both the subpackages of those names and
-callable as the functions (``import qsdcompress.export as m`` gives the module).
+``qsdcompress.export`` and ``qsdcompress.report`` are functions; their subpackages are
+:mod:`qsdcompress.onnx_export` and :mod:`qsdcompress.reporting`.
 
 ``import qsdcompress`` is quick: torch, timm, onnx, scipy... are imported when a name that needs
 them is first used (PEP 562 module ``__getattr__``). ``timm.create_model("qsd_8_512")`` still works
@@ -28,24 +28,25 @@ from .config import DEFAULT_WORKDIR
 from .errors import QsdError
 
 if TYPE_CHECKING:  # the real imports, for readers and type checkers; at run time see _LAZY
-    from . import export, report  # noqa: F401
+    from .onnx_export import export  # noqa: F401
+    from .reporting import report  # noqa: F401
     from .loading import bundled_model, load, model_meta, save  # noqa: F401
     from .mixed import sensitivity  # noqa: F401
     from .models import create_model, list_models  # noqa: F401
     from .neurons import set_spike_mode  # noqa: F401
     from .pipeline import convert_model as convert  # noqa: F401
     from .pipeline import demo  # noqa: F401
-    from .pipeline import evaluate_model as eval  # noqa: A004, F401
+    from .pipeline import run_eval as eval  # noqa: A004, F401
     from .train import finetune  # noqa: F401
 
-#: top-level name -> (module, attribute); None: the (callable) subpackage itself
-_LAZY: dict[str, tuple[str, str | None]] = {
+#: top-level name -> (module, attribute)
+_LAZY: dict[str, tuple[str, str]] = {
     "load": ("loading", "load"), "save": ("loading", "save"), "bundled_model": ("loading", "bundled_model"),
     "model_meta": ("loading", "model_meta"), "create_model": ("models", "create_model"),
     "list_models": ("models", "list_models"), "set_spike_mode": ("neurons", "set_spike_mode"),
-    "convert": ("pipeline", "convert_model"), "demo": ("pipeline", "demo"), "eval": ("pipeline", "evaluate_model"),
+    "convert": ("pipeline", "convert_model"), "demo": ("pipeline", "demo"), "eval": ("pipeline", "run_eval"),
     "sensitivity": ("mixed", "sensitivity"), "finetune": ("train", "finetune"),
-    "export": ("export", None), "report": ("report", None),
+    "export": ("onnx_export", "export"), "report": ("reporting", "report"),
 }
 
 
@@ -62,10 +63,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         _register_models()  # what the name needs may create a model
         module, attr = _LAZY[name]
-        value = importlib.import_module(f".{module}", __name__)
-        if attr is not None:
-            value = getattr(value, attr)
-            globals()[name] = value
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
         return value
     try:  # a subpackage or module (``q.quant``), as the eager package offered
         return importlib.import_module(f".{name}", __name__)

@@ -11,13 +11,13 @@ The functions live with their concerns (:mod:`qsdcompress.loading`, :mod:`qsdcom
 only names them.
 """
 from .config import DEFAULT_WORKDIR
-from .export.exporter import export
+from .onnx_export.exporter import export
 from .loading import bundled_model, guess_arch, load, model_meta, resolve_model, save
 from .mixed import sensitivity
 from .pipeline import convert_model as convert
 from .pipeline import demo
-from .pipeline import evaluate_model as eval  # noqa: A001 - named after the command
-from .report import report
+from .pipeline import run_eval as eval  # noqa: A001 - named after the command
+from .reporting import report
 from .train import finetune
 
 __all__ = ["load", "save", "eval", "convert", "sensitivity", "finetune", "export", "report", "demo", "bundled_model", "model_meta",

@@ -11,41 +11,56 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 
-from .config import DEFAULT_WORKDIR
-from .errors import QsdError
+from .config import DEFAULT_WORKDIR, FinetuneConfig
+from .errors import QsdError, one_line
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _fail(msg: str) -> None:
+def _fail(e: BaseException | str, as_json: bool = False, code: int = 2) -> None:
+    """One line on stderr, or with ``--json`` one object ``{"error", "hint"}`` on stdout; exit ``code``."""
+    from .errors import error_and_hint
     from .ui import console
 
-    console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, soft_wrap=True)
-    sys.exit(2)
+    if as_json:
+        error, hint = error_and_hint(e if isinstance(e, BaseException) else QsdError(e))
+        click.echo(json.dumps({"error": error, "hint": hint}))
+    else:
+        hint = getattr(e, "hint", None)
+        console.print(f"[bold red]error:[/] {e}" + (f"; {hint}" if hint else ""), markup=True, highlight=False,
+                      soft_wrap=True)
+    sys.exit(code)
 
 
 class QsdGroup(click.Group):
     """Turns user mistakes into one-line errors with a non-zero exit (never a traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        as_json = "--json" in [*getattr(ctx, "_protected_args", []), *ctx.args]
         try:
             return super().invoke(ctx)
         except QsdError as e:
-            _fail(str(e))
+            _fail(e, as_json)
         except FileNotFoundError as e:
-            _fail(f"file not found: {e.filename or e}")
+            _fail(f"file not found: {e.filename or e}", as_json)
         except KeyboardInterrupt:
-            _fail("interrupted")
-        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            _fail("interrupted", as_json)
+        except click.ClickException as e:
+            if not as_json:
+                raise
+            cmd = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            _fail(QsdError(e.format_message(), hint=f"see `qsdcompress{cmd} --help`"), True, e.exit_code)
+        except (click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except Exception as e:  # a bug: say so in one line, traceback on request
             if os.environ.get("QSDCOMPRESS_DEBUG"):
                 raise
-            _fail(f"{type(e).__name__}: {e} (internal error; rerun with QSDCOMPRESS_DEBUG=1 for the traceback)")
+            _fail(QsdError(f"{type(e).__name__}: {one_line(e)}",
+                           hint="an internal error: rerun with QSDCOMPRESS_DEBUG=1 for the traceback"), as_json)
 
 
 def json_option(f: Callable) -> Callable:
@@ -57,7 +72,58 @@ def json_option(f: Callable) -> Callable:
 def workdir_option(f: Callable) -> Callable:
     return click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
                         default=Path(DEFAULT_WORKDIR), show_default=True,
-                        help="Work directory the commands share (converted.qsd, finetuned.qsd, model.onnx).")(f)
+                        help="Work directory the commands share (converted.qsd, finetuned.qsd, model.onnx); "
+                             "MODEL defaults to its newest fitting .qsd.")(f)
+
+
+#: the help of every command's --data
+DATA_HELP = ("digits | fashion-mnist[:DIR] | mnist:DIR | synthetic[:N] | cifar10:DIR | cifar100:DIR | an "
+             "ImageFolder directory. Default: the model's own data (bundled models and every .qsd record it), "
+             "else digits. Another data set than the model's own is refused.")
+
+
+def data_option(help_text: str = DATA_HELP) -> Callable:
+    return click.option("--data", default=None, help=help_text)
+
+
+class LazyChoice(click.Choice):
+    """A choice whose values live in a module the CLI imports only when they are needed (so that
+    ``--help`` stays quick): ``source()`` gives them."""
+
+    def __init__(self, source: Callable[[], Sequence[str]]) -> None:
+        self._source = source
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._source())
+
+    @choices.setter
+    def choices(self, _value: Sequence[str]) -> None:
+        pass
+
+
+def _formats() -> Sequence[str]:
+    from .onnx_export import FORMATS
+
+    return FORMATS
+
+
+def _runtimes() -> Sequence[str]:
+    from .onnx_export import RUNTIMES
+
+    return RUNTIMES
+
+
+def runtime_option(f: Callable) -> Callable:
+    return click.option("--runtime", type=LazyChoice(_runtimes), default="onnxruntime", show_default=True,
+                        help="Runtime that runs the ONNX file: onnxruntime, or openvino (pip install "
+                             "'qsdcompress[openvino]').")(f)
+
+
+def device_option(f: Callable) -> Callable:
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto (CUDA when present, else cpu), cpu, cuda or cuda:N.")(f)
 
 
 def emit(result: dict, as_json: bool, show: Callable[[dict], None] | None = None) -> None:
@@ -88,6 +154,15 @@ def main() -> None:
     """Turn a spike-driven Transformer into a low-bit QSD-Transformer.
 
     \b
+    MODEL, in every command, is found by one rule:
+      1. MODEL as given: a file (.qsd, reference checkpoint, .onnx for eval) or a bundled
+         model's name (qsdcompress list);
+      2. else the newest .qsd in --workdir the command takes (convert, sensitivity: a float
+         model; finetune: a converted one; eval, export, report: any) whose data is --data;
+      3. else the bundled model of --data (digits by default).
+    --data defaults to the model's own data; data of another data set is refused.
+
+    \b
     Pipeline (each step works with no arguments on the bundled digits model):
       qsdcompress convert --bits 4         low-bit weights + IE-LIF -> qsdcompress-out/converted.qsd
       qsdcompress sensitivity              damage per layer group and width (for mixed precision)
@@ -96,6 +171,7 @@ def main() -> None:
       qsdcompress report                   size, spikes and energy
       qsdcompress eval [MODEL]             top-1/top-5 on a dataset
       qsdcompress demo                     all of the above in one go
+      qsdcompress list                     the bundled models and their data
     """
 
 
@@ -104,7 +180,8 @@ def _show_eval(r: dict) -> None:
 
     from .ui import console
 
-    t = Table(title=f"eval: {r.get('model')} on {r.get('data')}")
+    ran = f" ({r['runtime']}, {r['precision']})" if r.get("runtime") else ""
+    t = Table(title=f"eval: {r.get('model')} on {r.get('data')} {r.get('split', 'test')}{ran}")
     for c in ("top1", "top5", "loss", "samples", "images/s"):
         t.add_column(c, justify="right")
     t.add_row(f"{r['top1'] * 100:.2f}%", f"{r['top5'] * 100:.2f}%", f"{r['loss']:.4f}", str(r["samples"]),
@@ -118,38 +195,42 @@ def _show_eval(r: dict) -> None:
               "inferred from the keys when omitted.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Weights file (.pth/.pt/.safetensors/.qsd); same as giving MODEL.")
-@click.option("--data", default=None,
-              help="digits | fashion-mnist[:DIR] | mnist:DIR | synthetic[:N] | cifar10:DIR | cifar100:DIR | "
-                   "an ImageFolder directory. Default: the data the model records (bundled models, .qsd and "
-                   "exported files), else digits. Data whose classes are not the model's is refused. With no "
-                   "MODEL, the bundled model of the data is used.")
+@data_option()
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@device_option
 @click.option("--spike-mode", type=click.Choice(["integer", "binary"]), default=None,
               help="binary: run every integer neuron as D binary spikes over D virtual steps.")
 @click.option("--max-batches", type=click.IntRange(1), default=None, help="Stop after this many batches.")
+@runtime_option
+@click.option("--precision", type=click.Choice(["f32", "bf16", "f16"]), default=None,
+              help="An .onnx file's inference precision under OpenVINO (default: OpenVINO's own, bf16 on CPUs "
+                   "with bf16 instructions; f32 is the arithmetic the export's parity check ran).")
+@workdir_option
 @json_option
 def eval_cmd(model: str | None, arch: str | None, checkpoint: Path | None, data: str | None, split: str,
-             batch_size: int, device: str, spike_mode: str | None, max_batches: int | None,
-             as_json: bool) -> None:
-    """Top-1/top-5 and loss of MODEL (default: the bundled digits model).
+             batch_size: int, device: str, spike_mode: str | None, max_batches: int | None, runtime: str,
+             precision: str | None, workdir: Path, as_json: bool) -> None:
+    """Top-1/top-5 and loss of MODEL on a split of its data.
 
-    MODEL is a .qsd file, a reference checkpoint (.pth/.pt/.safetensors, with --arch or inferred)
-    or an exported .onnx file (run by onnxruntime).
+    MODEL is a bundled model's name, a .qsd file, a reference checkpoint (.pth/.pt/.safetensors,
+    with --arch or inferred) or an exported .onnx file (run by onnxruntime); without it, the rule
+    of `qsdcompress --help` (the newest .qsd of --workdir, else the bundled model of --data).
 
     \b
     Examples:
-      qsdcompress eval
+      qsdcompress eval qsd_8_256_fmnist --data fashion-mnist
       qsdcompress eval qsdcompress-out/converted.qsd --spike-mode binary
+      qsdcompress eval qsdcompress-out/model.onnx --runtime openvino
       qsdcompress eval --arch spikformer_8_512_CAFormer --checkpoint 8_512.pth --data /data/imagenet
     """
-    from .pipeline import evaluate_model
+    from .pipeline import run_eval
 
     if model and checkpoint:
         raise QsdError("give either MODEL or --checkpoint, not both")
-    r = evaluate_model(model or checkpoint, data=data, split=split, batch_size=batch_size, device=device,
-                 spike_mode=spike_mode, arch=arch, max_batches=max_batches)
+    r = run_eval(model or checkpoint, data=data, split=split, batch_size=batch_size, device=device,
+                       spike_mode=spike_mode, arch=arch, max_batches=max_batches, workdir=workdir,
+                       runtime=runtime, precision=precision)
     emit(r, as_json, _show_eval)
 
 
@@ -233,8 +314,7 @@ def _show_plan(plan: dict) -> None:
                    "top-1 before/after on their test split. digits | fashion-mnist[:DIR] | mnist:DIR | "
                    "synthetic[:N] | cifar10:DIR | an ImageFolder directory. Default: the data the model records "
                    "(bundled models, .qsd files); a reference checkpoint records none, so without --data the "
-                   "conversion is weight-only, keeps the float statistics and reports no top-1. With no MODEL, "
-                   "the bundled model of the data (digits by default) is converted.")
+                   "conversion is weight-only, keeps the float statistics and reports no top-1.")
 @click.option("--calib-samples", type=click.IntRange(0), default=256, show_default=True,
               help="Images that calibrate the IE-LIF statistics (0: no calibration).")
 @click.option("--calib-batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -264,6 +344,7 @@ def _show_plan(plan: dict) -> None:
               help="A table from `qsdcompress sensitivity -o FILE` (else it is measured).")
 @click.option("--sensitivity-samples", type=click.IntRange(1), default=128, show_default=True,
               help="Validation images the sensitivity and the plan checks run on.")
+@device_option
 @workdir_option
 @json_option
 def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first_last_bits: str | None,
@@ -271,10 +352,12 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
                 calib_samples: int, calib_batch_size: int, reestimate_bn: bool | None, calib_batches: int | None,
                 arch: str | None, output: Path | None, no_eval: bool, keep_float: bool, target_size_mb: float | None,
                 target_energy_mj: float | None, max_drop: float | None, candidate_bits: str,
-                sensitivity_file: Path | None, sensitivity_samples: int, workdir: Path, as_json: bool) -> None:
-    """Low-bit weights + IE-LIF neurons: MODEL (default: the bundled digits model) -> WORKDIR/converted.qsd.
+                sensitivity_file: Path | None, sensitivity_samples: int, device: str, workdir: Path,
+                as_json: bool) -> None:
+    """Low-bit weights + IE-LIF neurons: MODEL -> WORKDIR/converted.qsd.
 
-    MODEL is a .qsd file or a reference checkpoint (a reference LSQ checkpoint keeps its 4-bit steps).
+    MODEL is a bundled model's name, a float .qsd file or a reference checkpoint (a reference LSQ
+    checkpoint keeps its 4-bit steps); without it, the rule of `qsdcompress --help`.
 
     Calibration uses the model's own data only: the data a .qsd or bundled model records, else
     --data. A reference checkpoint records none, so without --data the conversion is weight-only
@@ -284,6 +367,7 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
     \b
     Examples:
       qsdcompress convert --bits 4
+      qsdcompress convert qsd_8_256_fmnist --bits 2
       qsdcompress convert --bits 4 --first-last-bits 8 --layer-bits 'block3.*.mlp.*=2'
       qsdcompress convert 8_512.pth --arch spikformer_8_512_CAFormer --data /data/imagenet --calib-samples 1024
       qsdcompress convert --target-size-mb 0.22          # mixed precision: widths per layer group
@@ -310,7 +394,7 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
                     candidate_bits=list(parse_bit_set(candidate_bits)), samples=sensitivity_samples,
                     sensitivity=str(sensitivity_file) if sensitivity_file else None)
     r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval,
-                    keep_float=keep_float, budget=budget)
+                    keep_float=keep_float, budget=budget, device=device)
     emit(r, as_json, _show_convert)
 
 
@@ -321,7 +405,7 @@ def _show_sensitivity(r: dict) -> None:
     from rich import box
     from rich.table import Table
 
-    from .report.render import short_name
+    from .reporting.render import short_name
     from .ui import console
 
     t = Table(title=f"sensitivity of {r.get('model')}: KL to float (nats/image), only that group quantized",
@@ -340,37 +424,42 @@ def _show_sensitivity(r: dict) -> None:
 @main.command("sensitivity", context_settings=CONTEXT)
 @click.argument("model", required=False)
 @click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
-@click.option("--data", default="digits", show_default=True,
-              help="Validation images (the val split of this data spec). With no MODEL, its bundled model.")
-@click.option("--bits", default="1,2,3,4,8", show_default=True, help="Widths to measure, comma-separated.")
+@data_option(DATA_HELP + " Its validation split is measured.")
+@click.option("--candidate-bits", "bits", default="1,2,3,4,8", show_default=True,
+              help="Widths to measure, comma-separated (those convert's plan may choose).")
 @click.option("--samples", type=click.IntRange(1), default=128, show_default=True, help="Validation images.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--scale-init", type=click.Choice(["mse", "lsq", "absmax"]), default="mse", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the table as JSON here (convert --sensitivity reads it).")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write a groups x bits heat map PNG here.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the groups x bits heat map here (DIR/sensitivity.png).")
+@device_option
+@workdir_option
 @json_option
-def sensitivity_cmd(model: str | None, arch: str | None, data: str, bits: str, samples: int, batch_size: int,
-                    scale_init: str, output: Path | None, plot: Path | None, as_json: bool) -> None:
+def sensitivity_cmd(model: str | None, arch: str | None, data: str | None, bits: str, samples: int,
+                    batch_size: int, scale_init: str, output: Path | None, plot_dir: Path | None, device: str,
+                    workdir: Path, as_json: bool) -> None:
     """Damage per layer group and weight width: KL of the logits from the float model's on
-    validation images when only that group is quantized (MODEL: a float model, default the
-    bundled digits model).
+    validation images when only that group is quantized (MODEL: a float model or a bundled
+    model's name; without it, the rule of `qsdcompress --help`).
 
     \b
     Examples:
       qsdcompress sensitivity
-      qsdcompress sensitivity --plot sens.png -o sens.json
+      qsdcompress sensitivity --plot plots/ -o sens.json
       qsdcompress convert --sensitivity sens.json --target-size-mb 0.22     # reuses the table
       qsdcompress sensitivity --data fashion-mnist --samples 512 --json
     """
+    from .io import ensure_writable_dir
     from .mixed import parse_bit_set, sensitivity
 
-    r = sensitivity(model, data=data, bits=parse_bit_set(bits, "--bits"), samples=samples, batch_size=batch_size,
-                    scale_init=scale_init, arch=arch, output=output, plot=plot)
+    plot = ensure_writable_dir(plot_dir, "plot directory") / "sensitivity.png" if plot_dir is not None else None
+    r = sensitivity(model, data=data, bits=parse_bit_set(bits), samples=samples, batch_size=batch_size,
+                    scale_init=scale_init, arch=arch, output=output, plot=plot, workdir=workdir, device=device)
     emit(r, as_json, _show_sensitivity)
 
-# --- finetune (qsdcompress/distill.py, qsdcompress/train) ---
+# --- finetune (qsdcompress/distill, qsdcompress/train) ---
 
 def _show_finetune(r: dict) -> None:
     from rich.table import Table
@@ -391,82 +480,91 @@ def _show_finetune(r: dict) -> None:
                   f"in {r['seconds']:.0f}s; metrics: {r['metrics_csv']}")
 
 
-def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None or value == "":
+def _int_list(_ctx: click.Context, _param: click.Parameter, value: Any) -> list[int] | None:
+    if value is None or value == "" or value == []:
         return None
+    items = value if isinstance(value, (list, tuple)) else str(value).strip("[]").replace(" ", "").split(",")
     try:
-        return [int(v) for v in str(value).replace(" ", "").split(",") if v != ""]
+        return [int(v) for v in items if v != ""]
     except ValueError:
         raise click.BadParameter("give comma-separated teacher layer indices, e.g. 2,5,8,11") from None
 
 
+def _field_option(fld: Any, hint: Any) -> Callable:
+    """The click option of one config field: its type, bounds and choices from the field."""
+    import dataclasses
+    import typing
+
+    meta, flag = fld.metadata, "--" + fld.name.replace("_", "-")
+    default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+    args = typing.get_args(hint)
+    base = next(a for a in args if a is not type(None)) if type(None) in args else hint
+    kw: dict[str, Any] = {"default": default, "help": meta.get("help") or None, "metavar": meta.get("metavar"),
+                          "show_default": default not in (None, "")}
+    decls = [flag, *([meta["short"]] if meta.get("short") else [])]
+    if base is bool:
+        decls = [f"{flag}/--no-{flag[2:]}"]
+    elif meta.get("choices"):
+        kw["type"] = click.Choice(meta["choices"])
+    elif base in (int, float):
+        rng = click.IntRange if base is int else click.FloatRange
+        kw["type"] = rng(min=meta["min"]) if meta.get("min") is not None else base
+    elif typing.get_origin(base) is list:
+        kw.update(type=str, callback=_int_list)
+    return click.option(*decls, fld.name, **kw)
+
+
+def config_options(cls: type) -> Callable:
+    """Every field of a config dataclass as a click option (those marked ``cli=False`` are declared
+    by hand: arguments and options shared by all commands)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+
+    def decorate(f: Callable) -> Callable:
+        for fld in reversed(dataclasses.fields(cls)):
+            if fld.metadata.get("cli", True):
+                f = _field_option(fld, hints[fld.name])(f)
+        return f
+    return decorate
+
+
+def _recipe(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """``--recipe``: its options become the defaults (``default_map``); the command line wins."""
+    from .config import FinetuneConfig, read_recipe
+
+    if value is not None:
+        options = read_recipe(value)
+        unknown = sorted(set(options) - set(FinetuneConfig.__dataclass_fields__))
+        if unknown:
+            raise QsdError(f"recipe {value}: unknown option(s) {', '.join(unknown)}",
+                           hint="see `qsdcompress finetune --help`")
+        ctx.default_map = {**(ctx.default_map or {}), **options}
+    return value
+
+
 @main.command("finetune", context_settings=CONTEXT)
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("model", required=False)
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), is_eager=True, callback=_recipe,
+              expose_value=False,
               help="YAML/JSON file of options (e.g. recipes/digits-tiny-w4.yaml); the command line wins.")
-@click.option("--teacher", default="ann", show_default=True,
-              help="ann (counterpart ANN), vit_digits / vit_fmnist (bundled ViTs), a timm name or alias "
-                   "(vit_base, deit_small, caformer_b36, ...) or a .qsd file.")
-@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-              help="Teacher weights (timm/HF .pth/.bin/.safetensors or .qsd); needed offline. Any image "
-                   "size, class count and depth: read from the weights.")
-@click.option("--teacher-img-size", type=click.IntRange(1), default=None,
-              help="Input size of a timm teacher (default: the size its checkpoint was trained at; "
-                   "position embeddings are resampled to another).")
-@click.option("--data", default="digits", show_default=True,
-              help="digits | fashion-mnist[:DIR] | mnist:DIR | synthetic[:N] | cifar10:DIR | cifar100:DIR | "
-                   "an ImageFolder directory. With no MODEL, the bundled model of the data is used.")
-@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--steps", type=click.IntRange(1), default=None, help="Total optimizer steps (overrides --epochs).")
-@click.option("--limit-train-batches", type=click.IntRange(1), default=None, help="At most this many batches per epoch.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Per process.")
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--scale-lr", type=float, default=1e-3, show_default=True,
-              help="Learning rate of quantizer scales and IE-LIF parameters.")
-@click.option("--min-lr", type=float, default=1e-6, show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--warmup-steps", type=click.IntRange(0), default=5, show_default=True)
-@click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Gradient norm clip (0: off).")
-@click.option("--opt", default="adamw", show_default=True, help="timm optimizer name.")
-@click.option("--lambda-kd", type=float, default=1.0, show_default=True, help="Weight of logit KD.")
-@click.option("--tau", type=float, default=1.0, show_default=True, help="KD temperature.")
-@click.option("--lambda-fgd", type=float, default=1.0, show_default=True, help="Weight of fine-grained distillation.")
-@click.option("--fgd-layers", callback=_int_list, default=None,
-              help="Teacher layer for each student attention block, comma-separated (default: uniform map).")
-@click.option("--ie-lif-warmup", type=click.IntRange(0), default=0, show_default=True, metavar="STEPS",
-              help="Fade IE-LIF in from the plain neuron over the first STEPS steps (u_hat' = b*u_hat + "
-                   "(1-b)*u, b: 0 -> 1); epochs that end inside the warm-up are measured, never kept.")
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), default="auto", show_default=True,
-              help="Mixed precision on CUDA (CPU always runs fp32).")
-@click.option("--ema/--no-ema", default=False, show_default=True, help="Keep an EMA of the weights.")
-@click.option("--ema-decay", type=float, default=0.999, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--save-every", type=click.IntRange(0), default=0, show_default=True,
-              help="Also checkpoint every N steps (a checkpoint is always written each epoch).")
+@config_options(FinetuneConfig)
 @click.option("--resume", is_flag=False, flag_value="auto", default=None,
-              help="Continue the run in --run-dir (or from the checkpoint PATH given).")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Checkpoints, metrics.csv and config (default: WORKDIR/finetune).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output .qsd (default: WORKDIR/finetuned.qsd).")
-@click.option("--keep-float", is_flag=True,
-              help="Also store the float latent weights in the output (for further finetuning); the run's "
-                   "own checkpoints always keep them.")
-@click.option("--eval-batch-size", type=click.IntRange(1), default=256, show_default=True)
-@click.option("--eval-max-batches", type=click.IntRange(1), default=None)
-@click.option("--num-workers", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="CPU threads (torch.set_num_threads).")
+              help="Continue the run in --run-dir (or from the checkpoint PATH given) with its options.")
+@data_option()
+@device_option
 @workdir_option
 @json_option
 @click.pass_context
-def finetune_cmd(ctx: click.Context, model: Path | None, recipe: Path | None, as_json: bool, **opts: Any) -> None:
+def finetune_cmd(ctx: click.Context, model: str | None, as_json: bool, **opts: Any) -> None:
     """Distillation-based quantization-aware finetuning of a converted model.
 
     Loss: CE + lambda_kd tau^2 KL(teacher || student) + lambda_fgd FGD (token-similarity of the
-    student's q/k/v spikes and the teacher's attention projections). MODEL defaults to
-    WORKDIR/converted.qsd; writes WORKDIR/finetuned.qsd. Works under torchrun (DDP).
+    student's q/k/v spikes and the teacher's attention projections). MODEL: a converted .qsd;
+    without it, the newest converted .qsd of --workdir whose data is --data. Writes
+    WORKDIR/finetuned.qsd. Works under torchrun (DDP). Epochs are compared on the validation
+    split (higher top-1, ties broken by lower loss), the input model included.
 
     \b
     Examples:
@@ -476,34 +574,30 @@ def finetune_cmd(ctx: click.Context, model: Path | None, recipe: Path | None, as
       torchrun --nproc-per-node 8 -m qsdcompress.cli finetune --recipe recipes/imagenet-qsd-8_512-w4.yaml
       qsdcompress finetune --resume        # continue a killed run
     """
-    from .config import FinetuneConfig, read_recipe
+    from .config import FinetuneConfig
     from .train import checkpoint_options, checkpoint_path, run_finetune
 
-    values: dict[str, Any] = {}
     resume = opts.get("resume")
     if resume and resume != "auto" and Path(resume).suffix.lower() in (".qsd", ".safetensors"):
         # `finetune --resume MODEL.qsd`: --resume took the model as its value; it is the MODEL
         if model is not None:
             raise QsdError(f"--resume {resume}: that is a model file, not a finetune checkpoint; "
-                           f"use --resume alone (or --resume RUN_DIR/checkpoint.pt)")
-        model, opts["resume"] = Path(resume), "auto"
-    if opts.get("resume"):  # --resume alone continues the run with the options it was started with
+                           f"use --resume alone (or --resume RUN_DIR)")
+        model, opts["resume"] = resume, "auto"
+    # the run's own options when resuming, then the recipe's (default_map), then the command line's
+    values: dict[str, Any] = {}
+    if opts.get("resume"):
         values.update(checkpoint_options(checkpoint_path(opts["resume"], opts["workdir"], opts["run_dir"])))
-    if recipe is not None:
-        values.update(read_recipe(recipe))
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT,
+             click.core.ParameterSource.DEFAULT_MAP)
     for name, value in opts.items():
-        src = ctx.get_parameter_source(name)
-        if name not in values or src not in (click.core.ParameterSource.DEFAULT, None):
-            values[name] = value
+        if name not in values or ctx.get_parameter_source(name) in given:
+            values[name] = str(value) if isinstance(value, Path) else value
     if model is not None:
         values["model"] = model
-    for k, v in list(values.items()):
-        if isinstance(v, Path):
-            values[k] = str(v)
     if not values.get("clip_grad"):
         values["clip_grad"] = None
-    cfg = FinetuneConfig.from_dict(values)
-    _, result = run_finetune(cfg)
+    _, result = run_finetune(FinetuneConfig.from_dict(values))
     if int(os.environ.get("RANK", "0")) == 0:
         emit(result, as_json, _show_finetune)
 
@@ -527,10 +621,16 @@ def _show_export(r: dict) -> None:
     if r.get("format") == "int":
         t.add_row("integer layers", f"{r['integer_layers']} of {r['weight_layers']} (+{r['integer_products']} "
                                     f"attention products)")
+    ran = r.get("integer_layers_executed") or {}
+    if ran:
+        t.add_row(f"ran as integer ({ran['runtime']}, {ran['precision']})",
+                  f"{ran['integer_layers']} of {ran['compute_layers']} compute layers")
     if r.get("parity") == "unchecked":
         t.add_row("parity", "NOT checked (--unchecked; marked so in the file)")
     else:
-        t.add_row(f"parity images ({r['parity_data']})", str(r["parity_samples"]))
+        t.add_row(f"parity images ({r['parity_data']})", f"{r['parity_samples']} under "
+                                                         f"{r.get('parity_runtime', 'onnxruntime')} "
+                                                         f"{r.get('parity_precision', 'f32')}")
         t.add_row("layers fed PyTorch's spikes", f"{r['layers_checked']}, spike flips {r['spike_flips']} "
                                                  f"(all within float rounding of a boundary)")
         t.add_row("images differing end to end", f"{r['images_differing']} (max |logit diff| {r['max_abs_diff']:.3g})")
@@ -554,17 +654,20 @@ def _show_export(r: dict) -> None:
 @click.option("--float64-samples", type=click.IntRange(0), default=0, show_default=True,
               help="Also compare the file and PyTorch float32 with PyTorch float64 on this many images "
                    "(slow: float64 convolutions cost about 10x float32 ones on a CPU).")
-@click.option("--format", "fmt", type=click.Choice(["int", "qdq"]), default="int", show_default=True,
+@click.option("--format", "fmt", type=LazyChoice(_formats), default="int", show_default=True,
               help="int: every layer fed by spikes runs as an integer kernel (uint8 spikes x int8 weights, "
-                   "int32 sums, onnxruntime's com.microsoft MatMulIntegerToFloat); faster on CPU. "
-                   "qdq: weights dequantized to float, standard ONNX ops only (portable to any runtime).")
+                   "int32 sums, onnxruntime's com.microsoft MatMulIntegerToFloat); fastest under onnxruntime. "
+                   "std-int: the same integers in standard QDQ ops, which onnxruntime and OpenVINO lower to "
+                   "integer kernels (fastest under OpenVINO). qdq: weights dequantized to float, standard ops.")
+@runtime_option
 @workdir_option
 @json_option
 def export_cmd(model: str | None, output: Path | None, data: str | None, parity_samples: int, int2: bool,
-               unchecked: bool, float64_samples: int, fmt: str, workdir: Path, as_json: bool) -> None:
+               unchecked: bool, float64_samples: int, fmt: str, runtime: str, workdir: Path, as_json: bool) -> None:
     """Export MODEL to ONNX with packed low-bit weights and check it with onnxruntime.
 
-    MODEL defaults to the newest .qsd in WORKDIR (else the bundled model). BatchNorm and IE-LIF
+    MODEL: a .qsd file or a bundled model's name; without it, the rule of `qsdcompress --help`
+    (the newest .qsd in --workdir, else the bundled model of --data). BatchNorm and IE-LIF
     are folded into the convolutions, b-bit weights are stored as INT4 (b <= 4), INT2 (b <= 2)
     or INT8 with a per-channel scale. With --format int (default) a layer whose input is spikes
     multiplies the spike counts (uint8) by its integers (int8) with int32 sums, then applies one
@@ -576,25 +679,27 @@ def export_cmd(model: str | None, output: Path | None, data: str | None, parity_
     differ only where PyTorch's membrane input lies within float rounding of a rounding boundary
     (such flips cascade on badly conditioned models, so end-to-end differences are reported, not
     judged); the logits from PyTorch's last spikes must match. Otherwise nothing is written and
-    the error names the first layer that diverges.
+    the error names the first layer that diverges. The check's PyTorch pass runs on the CPU, the
+    runtime's device, so export has no --device.
 
     \b
     Examples:
       qsdcompress export
       qsdcompress export --format qdq -o portable.onnx
+      qsdcompress export --format std-int --runtime openvino -o ov.onnx
       qsdcompress export qsdcompress-out/finetuned.qsd -o model4.onnx --json
       qsdcompress eval qsdcompress-out/model.onnx
     """
-    from .export import export
+    from .onnx_export import export
 
     r = export(model, output, workdir=workdir, data=data, parity_samples=parity_samples, int2=int2,
-               format=fmt, check=not unchecked, float64_samples=float64_samples)
+               format=fmt, check=not unchecked, float64_samples=float64_samples, runtime=runtime)
     emit(r, as_json, _show_export)
 
 
 @main.command("report", context_settings=CONTEXT)
 @click.argument("model", required=False)
-@click.option("--data", default="digits", show_default=True, help="Images the firing rates are measured on.")
+@data_option(DATA_HELP + " The firing rates are measured on it.")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--batches", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
@@ -607,14 +712,16 @@ def export_cmd(model: str | None, output: Path | None, data: str | None, parity_
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write PNG plots (firing rate, q/k/v spike levels, energy per layer) here.")
 @click.option("--no-float", is_flag=True, help="Skip the float comparison row.")
+@device_option
 @workdir_option
 @json_option
-def report_cmd(model: str | None, data: str, split: str, batches: int, batch_size: int, fmt: str,
+def report_cmd(model: str | None, data: str | None, split: str, batches: int, batch_size: int, fmt: str,
                output: Path | None, energy_table: Path | None, plot_dir: Path | None, no_float: bool,
-               workdir: Path, as_json: bool) -> None:
+               device: str, workdir: Path, as_json: bool) -> None:
     """Size, spikes and energy of MODEL per layer, with the float model for comparison.
 
-    MODEL defaults to the newest .qsd in WORKDIR (else the bundled model); WORKDIR/model.onnx,
+    MODEL: a .qsd file or a bundled model's name; without it, the rule of `qsdcompress --help`
+    (the newest .qsd in --workdir, else the bundled model of --data); WORKDIR/model.onnx,
     when present, adds its on-disk size. The energy table is printed with every report.
 
     \b
@@ -624,11 +731,12 @@ def report_cmd(model: str | None, data: str, split: str, batches: int, batch_siz
       qsdcompress report --energy-table my_energy.yaml --json
     """
     from .io import atomic_write_text
-    from .report import plot, render, report, show
+    from .reporting import plot, render, report, show
+    from .reporting.render import show_totals
     from .ui import console
 
     r = report(model, workdir=workdir, data=data, split=split, batches=batches, batch_size=batch_size,
-               energy_table=energy_table, compare_float=not no_float)
+               energy_table=energy_table, compare_float=not no_float, device=device)
     if plot_dir is not None:
         r["plots"] = plot(r, plot_dir)
     if output is not None:
@@ -643,14 +751,56 @@ def report_cmd(model: str | None, data: str, split: str, batches: int, batch_siz
             click.echo(render(r, fmt), nl=False)
     else:
         console.print(f"report written to {output} ({fmt})")
-        for line in render(r, "table").splitlines()[-12:]:
-            console.print(line)
+        show_totals(r)
+
+# --- list ---
+
+
+def _show_list(r: dict) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from .ui import console
+
+    t = Table(title="bundled models (MODEL in every command)", box=box.SIMPLE, pad_edge=False)
+    for c, j in (("name", "left"), ("kind", "left"), ("data", "left"), ("test top-1", "right"),
+                 ("what", "left")):
+        t.add_column(c, justify=j)  # type: ignore[arg-type]
+    for m in r["models"]:
+        top1 = f"{m['test_top1'] * 100:.2f}%" if m.get("test_top1") is not None else "-"
+        what = m["description"] if m["installed"] else f"not installed: {m['trained_by']}"
+        t.add_row(m["name"], m["kind"], m["data"], top1, what)
+    console.print(t)
+
+
+@main.command("list", context_settings=CONTEXT)
+@json_option
+def list_cmd(as_json: bool) -> None:
+    """The bundled models: their names (usable as MODEL and --teacher), data and test top-1.
+
+    \b
+    Examples:
+      qsdcompress list
+      qsdcompress eval qsd_tiny_fmnist            # its own data, fashion-mnist
+      qsdcompress finetune --teacher vit_fmnist --data fashion-mnist
+    """
+    from .zoo import MODELS
+
+    rows = []
+    for m in MODELS.values():
+        training = m.metadata().get("training") or {}
+        rows.append({"name": m.name, "aliases": list(m.aliases), "kind": m.kind, "data": m.data,
+                     "description": m.description, "installed": m.installed, "file": str(m.path),
+                     "counterpart_ann": m.ann, "test_top1": training.get("test_top1"),
+                     "trained_by": m.trained_by})
+    emit({"models": rows}, as_json, _show_list)
+
 
 # --- demo ---
 
 
 @main.command("demo", context_settings=CONTEXT)
-@click.option("--bits", type=click.IntRange(1, 8), default=4, show_default=True, help="Weight bits.")
+@click.option("--bits", default="4", show_default=True, help="Weight bits, 1-8 (as convert's --bits).")
 @click.option("--data", default="digits", show_default=True,
               help="digits (bundled, runs anywhere) or fashion-mnist[:DIR] (the real benchmark: "
                    "apt-get install dataset-fashion-mnist).")
@@ -658,9 +808,11 @@ def report_cmd(model: str | None, data: str, split: str, batches: int, batch_siz
               help="Teacher for finetuning: ann (the bundled counterpart ANN), vit_digits or vit_fmnist "
                    "(the bundled ViT of that data set).")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Finetuning epochs (default: the finetune default).")
+@device_option
 @workdir_option
 @json_option
-def demo_cmd(bits: int, data: str, teacher: str, epochs: int | None, workdir: Path, as_json: bool) -> None:
+def demo_cmd(bits: str, data: str, teacher: str, epochs: int | None, device: str, workdir: Path,
+             as_json: bool) -> None:
     """The whole pipeline on the bundled digits model, in a few minutes on a laptop CPU.
 
     convert (W4 + IE-LIF) -> finetune (ANN teacher, KD + fine-grained distillation) -> export
@@ -671,7 +823,9 @@ def demo_cmd(bits: int, data: str, teacher: str, epochs: int | None, workdir: Pa
     from .pipeline import demo, show_demo
     from .ui import console
 
-    r = demo(workdir=workdir, bits=bits, teacher=teacher, epochs=epochs, data=data,
+    from .quant import parse_bits
+
+    r = demo(workdir=workdir, bits=parse_bits(bits), teacher=teacher, epochs=epochs, data=data, device=device,
              on_stage=lambda s: console.print(f"[bold cyan]{s}[/]"))
     emit(r, as_json, show_demo)
 

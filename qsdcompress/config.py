@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import QsdError, one_line
 
@@ -17,52 +17,77 @@ from .errors import QsdError, one_line
 DEFAULT_WORKDIR = "qsdcompress-out"
 
 
+def option(default: Any, help: str = "", *, min: float | None = None, choices: Sequence[str] | None = None,
+           metavar: str | None = None, short: str | None = None, cli: bool = True) -> Any:
+    """A config field with what its command-line option needs: help, bounds, choices (the CLI's
+    options are generated from these, so each option is declared once)."""
+    meta = {"help": help, "min": min, "choices": tuple(choices) if choices else None, "metavar": metavar,
+            "short": short, "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class FinetuneConfig:
     """Everything a ``finetune`` run depends on; written next to its outputs."""
 
     # inputs and outputs
-    model: str | None = None            # input .qsd (default <workdir>/converted.qsd)
-    workdir: str = DEFAULT_WORKDIR
-    output: str | None = None           # default <workdir>/finetuned.qsd
-    keep_float: bool = False            # also store the float latent weights in the output .qsd
-    run_dir: str | None = None          # checkpoints, metrics.csv, config (default <workdir>/finetune)
-    data: str = "digits"
+    model: str | None = option(None, "Input: a converted .qsd or a bundled name.", cli=False)
+    workdir: str = option(DEFAULT_WORKDIR, cli=False)
+    output: str | None = option(None, "Output .qsd (default: WORKDIR/finetuned.qsd).", short="-o")
+    keep_float: bool = option(False, "Also store the float latent weights in the output (for further "
+                                     "finetuning); the run's own checkpoints always keep them.")
+    run_dir: str | None = option(None, "Checkpoints, metrics.csv and config (default: WORKDIR/finetune).")
+    data: str | None = option(None, cli=False)
     # teacher and loss: L = CE + lambda_kd tau^2 KL + lambda_fgd FGD
-    teacher: str = "ann"
-    teacher_checkpoint: str | None = None
-    teacher_img_size: int | None = None  # timm teacher input size (default: the checkpoint's own)
-    lambda_kd: float = 1.0
-    tau: float = 1.0
-    lambda_fgd: float = 1.0
-    fgd_layers: list[int] | None = None
-    ie_lif_warmup: int = 0              # steps over which IE-LIF fades in from the plain neuron (0: off)
-    label_smoothing: float = 0.0
+    teacher: str = option("ann", "ann (the bundled counterpart ANN of the student's bundled model), a bundled "
+                                 "model (vit_digits, vit_fmnist, ...: qsdcompress list), a timm name or alias "
+                                 "(vit_base, deit_small, caformer_b36, ...) or a .qsd file.")
+    teacher_checkpoint: str | None = option(None, "Teacher weights (timm/HF .pth/.bin/.safetensors or .qsd); "
+                                                  "needed offline. Any image size, class count and depth: read "
+                                                  "from the weights.")
+    teacher_img_size: int | None = option(None, "Input size of a timm teacher (default: the size its checkpoint "
+                                                "was trained at; position embeddings are resampled to another).",
+                                          min=1)
+    lambda_kd: float = option(1.0, "Weight of logit KD.", min=0)
+    tau: float = option(1.0, "KD temperature.")
+    lambda_fgd: float = option(1.0, "Weight of fine-grained distillation.", min=0)
+    fgd_layers: list[int] | None = option(None, "Teacher layer for each student attention block, "
+                                                "comma-separated (default: uniform map).", metavar="I,J,...")
+    ie_lif_warmup: int = option(0, "Fade IE-LIF in from the plain neuron over the first STEPS steps "
+                                   "(u_hat' = b*u_hat + (1-b)*u, b: 0 -> 1); epochs that end inside the "
+                                   "warm-up are measured, never kept.", min=0, metavar="STEPS")
+    label_smoothing: float = option(0.0, "Label smoothing of the CE term.", min=0)
     # optimisation
-    epochs: int = 3
-    steps: int | None = None            # total optimizer steps (overrides epochs when set)
-    limit_train_batches: int | None = None  # at most this many batches per epoch
-    batch_size: int = 64
-    lr: float = 5e-4
-    scale_lr: float | None = 1e-3       # quantizer scales and IE-LIF parameters (None: = lr)
-    min_lr: float = 1e-6
-    weight_decay: float = 0.01
-    warmup_steps: int = 5
-    warmup_lr: float = 1e-6
-    clip_grad: float | None = 5.0
-    opt: str = "adamw"
-    amp: str = "auto"                   # auto | bf16 | fp16 | off (CUDA only; CPU runs fp32)
-    ema: bool = False
-    ema_decay: float = 0.999
+    epochs: int = option(3, "Epochs over the training split.", min=1)
+    steps: int | None = option(None, "Total optimizer steps (overrides --epochs).", min=1)
+    limit_train_batches: int | None = option(None, "At most this many batches per epoch.", min=1)
+    batch_size: int = option(64, "Per process.", min=1)
+    lr: float = option(5e-4, "Peak learning rate (cosine schedule).")
+    scale_lr: float | None = option(1e-3, "Learning rate of quantizer scales and IE-LIF parameters "
+                                          "(none: --lr).")
+    min_lr: float = option(1e-6, "Learning rate at the end of the cosine.", min=0)
+    weight_decay: float = option(0.01, min=0)
+    warmup_steps: int = option(5, "Linear warm-up steps.", min=0)
+    warmup_lr: float = option(1e-6, "Learning rate at the start of the warm-up.", min=0)
+    clip_grad: float | None = option(5.0, "Gradient norm clip (0: off).", min=0)
+    opt: str = option("adamw", "timm optimizer name.")
+    amp: str = option("auto", "Mixed precision on CUDA (CPU always runs fp32).",
+                      choices=("auto", "bf16", "fp16", "off"))
+    ema: bool = option(False, "Keep an EMA of the weights (a second candidate each epoch).")
+    ema_decay: float = option(0.999, min=0)
     # bookkeeping
-    seed: int = 0
-    save_every: int = 0                 # also checkpoint every N steps (0: only each epoch)
-    resume: str | None = None           # "auto" (run_dir/checkpoint.pt) or a checkpoint path
-    eval_batch_size: int = 256
-    eval_max_batches: int | None = None
-    num_workers: int = 0
-    device: str = "auto"
-    threads: int | None = None
+    seed: int = option(0, "Seed of the initialisation, data order and augmentation.")
+    save_every: int = option(0, "Also checkpoint every N steps (a checkpoint is always written each epoch).",
+                             min=0)
+    resume: str | None = option(None, "Continue the run in --run-dir (or from the checkpoint PATH given).",
+                                cli=False)
+    eval_batch_size: int = option(256, min=1)
+    eval_max_batches: int | None = option(None, "Evaluate at most this many batches (quick runs).", min=1)
+    num_workers: int = option(0, "DataLoader worker processes.", min=0)
+    device: str = option("auto", cli=False)
+    threads: int | None = option(None, "CPU threads (torch.set_num_threads).", min=1)
 
     def validate(self) -> "FinetuneConfig":
         """One clear error per bad option, before any work is done."""
@@ -83,7 +108,7 @@ class FinetuneConfig:
         model_file = Path(self.resume or "").suffix.lower() in (".qsd", ".safetensors", ".onnx")
         if self.resume and self.resume != "auto" and model_file:
             raise QsdError(f"--resume {self.resume}: that is a model file, not a finetune checkpoint; "
-                           f"give the model as MODEL and use --resume alone (or --resume RUN_DIR/checkpoint.pt)")
+                           f"give the model as MODEL and use --resume alone (or --resume RUN_DIR)")
         return self
 
     def to_dict(self) -> dict:
@@ -140,4 +165,4 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return normalise_keys(data)
 
 
-__all__ = ["FinetuneConfig", "read_recipe", "normalise_keys", "DEFAULT_WORKDIR"]
+__all__ = ["FinetuneConfig", "option", "read_recipe", "normalise_keys", "DEFAULT_WORKDIR"]

@@ -378,6 +378,35 @@ def model_data(model: Any) -> str | None:
     return None
 
 
+def same_data(a: str, b: str) -> bool:
+    """Whether two data specs name the same data set (``fashion-mnist`` and ``fashion-mnist:DIR``
+    do; two folders do when they are the same folder)."""
+    na, nb = data_name(a), data_name(b)
+    if na in SPEC_KINDS or nb in SPEC_KINDS or "digits" in (na, nb):
+        return na == nb
+    return Path(na).expanduser().resolve() == Path(nb).expanduser().resolve()
+
+
+def data_conflict(model: Any, data: str | None) -> str | None:
+    """``"<model's data>, not <data>"`` when the model records data of its own and ``data`` is
+    another data set, else None: figures measured on another data set would describe nothing."""
+    own = model_data(model)
+    if data is None or own is None or same_data(own, data):
+        return None
+    return f"the model's own data is {own}, not {data}"
+
+
+def data_for(model: Any, data: str | None, name: str = "the model") -> str:
+    """The data a command measures ``model`` on: ``data``, else the model's own, else digits.
+    Data of another data set than the model's own is refused before any work, in one line."""
+    if data is not None and data_name(data) not in (*SPEC_KINDS, "digits") and not Path(data).expanduser().exists():
+        raise QsdError(f"data folder not found: {data}")
+    conflict = data_conflict(model, data)
+    if conflict:
+        raise QsdError(f"{name}: {conflict}; omit --data to use the model's own data, or pass another MODEL")
+    return data or model_data(model) or "digits"
+
+
 def class_mismatch(num_classes: int | None, data: str, dataset: Dataset | None) -> str | None:
     """``"<data> has k classes, the model predicts n"`` when a labelled data set's class count is
     not the model's, else None."""
@@ -391,6 +420,9 @@ def foreign_data_reason(model: Any, data: str, loader: Any) -> str | None:
     """Why ``data`` is not of the model's kind (synthetic noise, another class count), or None."""
     if data_name(data) == "synthetic":
         return f"{data} is random noise"
+    conflict = data_conflict(model, data)
+    if conflict:
+        return conflict
     return class_mismatch(getattr(model, "num_classes", None), data, getattr(loader, "dataset", None))
 
 

@@ -1,18 +1,14 @@
-"""Files: safe checkpoint reading, the ``.qsd`` format, atomic writes.
+"""Files: safe reading of the files users hand us, atomic writes, the hub's reachability.
 
 Files users hand us are untrusted: ``.pth``/``.pt`` go through ``torch.load(weights_only=True)``
 (no code runs, a pickle that asks for a callable is refused) and ``.safetensors``/``.qsd`` hold
-only tensors. A ``.qsd`` file is a safetensors file whose metadata key ``qsdcompress`` holds a
-JSON document (architecture and its arguments, quantization and neuron config, provenance).
+only tensors. The ``.qsd`` format itself is :mod:`qsdcompress.qsdfile`'s.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
-import platform
-import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -24,7 +20,6 @@ import torch
 from .errors import QsdError, one_line
 
 META_KEY = "qsdcompress"
-FORMAT_VERSION = 2  # 2: one flat tensor per dtype + index; packed low-bit weights
 QUANT_EXTRA_SUFFIXES = (".alpha", ".init_state")
 SAFETENSORS_EXT = (".safetensors", ".qsd")
 PICKLE_EXT = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -145,55 +140,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages a number depends on, recorded next to every output."""
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("qsdcompress", "torch", "timm", "brevitas", "onnx", "onnxruntime", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _cpuinfo(path: str | os.PathLike) -> dict[str, str]:
-    """The first processor's ``key: value`` lines of a Linux ``/proc/cpuinfo``; {} without one."""
-    out: dict[str, str] = {}
-    try:
-        for line in Path(path).read_text().splitlines():
-            if not line.strip():
-                if out:
-                    break
-                continue
-            key, _, value = line.partition(":")
-            out[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return out
-
-
-def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else the architecture (``x86_64``)."""
-    return _model_name(_cpuinfo(cpuinfo))
-
-
-def _model_name(info: Mapping[str, str]) -> str:
-    return info.get("model name") or platform.machine() or "unknown"
-
-
-def machine_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, Any]:
-    """The machine a number was measured on: timings (CPU seconds) differ by 2x between CPUs that
-    a virtual machine names alike (``AMD EPYC``), hence the family/model numbers, and float rounding
-    differs between CPUs; both are recorded with results."""
-    info = _cpuinfo(cpuinfo)
-    ident = " ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if info.get(k))
-    return {"cpu": _model_name(info), "cpu_id": ident or None,
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise QsdError(f"file not found: {path}")
@@ -270,112 +216,6 @@ def unwrap_state_dict(obj: Any, prefer_ema: bool = False) -> dict[str, torch.Ten
         if all(k.startswith(p) for k in tensors):
             tensors = {k[len(p):]: v for k, v in tensors.items()}
     return tensors
-
-
-def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """State dict and qsdcompress metadata (empty if none) of any supported weights file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_EXT:
-        tensors, raw = read_safetensors(path)
-        if INDEX_KEY in raw:
-            tensors = _ungroup(tensors, raw[INDEX_KEY], path)
-        meta = {}
-        if META_KEY in raw:
-            try:
-                meta = json.loads(raw[META_KEY])
-            except json.JSONDecodeError:
-                raise QsdError(f"{path}: its qsdcompress metadata is not valid JSON") from None
-        return tensors, meta
-    if suffix in PICKLE_EXT or suffix == "":
-        return unwrap_state_dict(torch_load_safe(path), prefer_ema=prefer_ema), {}
-    if suffix == ".onnx":
-        raise QsdError(f"{path} is an ONNX file: use `qsdcompress eval {path}` to evaluate it with onnxruntime")
-    raise QsdError(f"unsupported checkpoint type {suffix!r} for {path}; use .qsd, .safetensors, .pth or .pt")
-
-
-INDEX_KEY = "qsdcompress_index"
-
-
-def _group_by_dtype(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
-    """One flat tensor per dtype and an index ``[name, dtype, shape, offset]`` to cut them apart."""
-    flat: dict[str, list[torch.Tensor]] = {}
-    index, offsets = [], {}
-    for name, v in tensors.items():
-        key = str(v.dtype).replace("torch.", "")
-        off = offsets.get(key, 0)
-        index.append([name, key, list(v.shape), off])
-        flat.setdefault(key, []).append(v.detach().cpu().reshape(-1))
-        offsets[key] = off + v.numel()
-    return {k: torch.cat(vs) for k, vs in flat.items()}, index
-
-
-def save_qsd(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], meta: dict) -> Path:
-    """Write tensors + JSON metadata atomically as a ``.qsd`` (safetensors) file.
-
-    The tensors are stored as one flat tensor per dtype plus a compressed index of names and
-    shapes: a small model has hundreds of tiny tensors, and safetensors' per-tensor header
-    (about 130 bytes each) would otherwise be a quarter of a 4-bit file.
-    """
-    import base64
-    import zlib
-
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    # the writer's format and versions, not those of the file the model was loaded from
-    meta = {**meta, "format_version": FORMAT_VERSION, "versions": package_versions()}
-    flat, index = _group_by_dtype(state_dict)
-    packed_index = base64.b85encode(zlib.compress(json.dumps(index, separators=(",", ":")).encode(), 9)).decode()
-    with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={META_KEY: json.dumps(meta, default=str), INDEX_KEY: packed_index})
-    return path
-
-
-def _ungroup(flat: dict[str, torch.Tensor], raw_index: str, path: Path) -> dict[str, torch.Tensor]:
-    import base64
-    import zlib
-
-    try:
-        index = json.loads(zlib.decompress(base64.b85decode(raw_index)))
-        out = {}
-        for name, dtype, shape, off in index:
-            n = int(torch.Size(shape).numel())
-            out[name] = flat[dtype][off:off + n].reshape(shape).clone()
-    except Exception as e:  # corrupt index or tensors
-        raise QsdError(f"{path}: its tensor index is unreadable (truncated or corrupt?): {one_line(e)}") from None
-    return out
-
-
-def pack_ints(ints, bits: int) -> bytes:
-    """Signed ``bits``-bit integers as a dense bit stream (``bits`` bits each, little-endian bit
-    order, numpy's packbits): a 3-bit layer takes 3/8 of a byte per weight, not 4/8. One bit
-    stores the sign of a binary weight (``{-1, +1}`` -> ``{0, 1}``)."""
-    import numpy as np
-
-    v = np.asarray(ints, dtype=np.int64).ravel()
-    if bits == 1:
-        u = (v > 0).astype(np.uint8)[:, None]
-    else:
-        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        if v.size and (v.min() < lo or v.max() > hi):
-            raise QsdError(f"integers outside the signed {bits}-bit range [{lo}, {hi}]")
-        u = ((v & ((1 << bits) - 1))[:, None] >> np.arange(bits)) & 1
-    return np.packbits(u.astype(np.uint8).ravel(), bitorder="little").tobytes()
-
-
-def unpack_ints(data: bytes, count: int, bits: int):
-    """The ``count`` signed integers :func:`pack_ints` wrote (int64 numpy array)."""
-    import numpy as np
-
-    need = -(-count * bits // 8)
-    if len(data) != need:
-        raise QsdError(f"packed weights hold {len(data)} bytes, expected {need} for {count} x {bits} bits")
-    b = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: count * bits]
-    if bits == 1:
-        return b.astype(np.int64) * 2 - 1
-    u = (b.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(1)
-    return np.where(u >= 1 << (bits - 1), u - (1 << bits), u)
 
 
 def strip_quant_extras(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

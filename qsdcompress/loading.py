@@ -20,21 +20,31 @@ import torch
 import torch.nn as nn
 
 from .errors import QsdError, one_line
-from .io import (hub_unavailable, load_state_dict_checked, pack_ints, read_checkpoint, save_qsd, sha256_file,
-                 strip_quant_extras, unpack_ints)
+from .io import hub_unavailable, load_state_dict_checked, sha256_file, strip_quant_extras
+from .qsdfile import pack_ints, read_checkpoint, read_header_metadata, save_qsd, unpack_ints
 from .models import create_model, list_models, model_config, resolve_name, set_pretrained_loader
 from .quant import import_reference_lsq, is_quant_layer, quant_bits, restore_quantized, weight_layers
-from .zoo import bundled_path, training_script
+from .data import model_data, same_data
+from .zoo import default_for, lookup, of_file, unknown_name_hint
 
 
 def bundled_model(ann: bool = False, data: str = "digits") -> nn.Module:
-    """The bundled model of a data set (``qsd_tiny`` on digits, ``qsd_tiny_fmnist`` on
-    ``fashion-mnist``); ``ann=True``: its counterpart ANN."""
-    path = bundled_path(ann, data)
-    if not path.exists():
-        raise QsdError(f"no bundled model for --data {data} in this installation ({path}); train it with "
-                       f"{training_script(data)} or pass MODEL")
-    return load(path)
+    """The default bundled model of a data set (``qsd_tiny_digits`` on digits,
+    ``qsd_tiny_fmnist`` on ``fashion-mnist``); ``ann=True``: its counterpart ANN."""
+    return load(default_for(data, ann).require())
+
+
+def model_file(spec: str | os.PathLike) -> Path:
+    """The file a MODEL argument names: a path, else a bundled model's name (``qsdcompress list``)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    entry = lookup(str(spec))
+    if entry is not None:
+        return entry.require()
+    if path.suffix or len(path.parts) > 1:
+        raise QsdError(f"file not found: {path}")
+    raise QsdError(f"{spec} is neither a file nor a bundled model; {unknown_name_hint(str(spec))}")
 
 
 def _infer_model_args(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -83,8 +93,10 @@ def load(path: str | os.PathLike | None = None, arch: str | None = None, prefer_
     """
     if path is None:
         return bundled_model()
-    path = Path(path)
+    path = model_file(path)
     sd, meta = read_checkpoint(path, prefer_ema=prefer_ema)
+    if meta.get("kind") == "timm_teacher":
+        return _bundled_vit(path, sd)
     if meta.get("arch") and arch is None:
         model = build_from_meta(meta)
         ints = _unpacked(sd, model, meta, path) if meta.get("packed_weights") else {}
@@ -110,6 +122,17 @@ def load(path: str | os.PathLike | None = None, arch: str | None = None, prefer_
         "model_args": model_config(canonical, **args).to_dict(),
         "source": {"path": str(path), "sha256": sha256_file(path)},
     }
+    return model.eval()
+
+
+def _bundled_vit(path: Path, sd: dict[str, torch.Tensor]) -> nn.Module:
+    """A bundled ViT teacher's file, built with the shape the zoo records for it."""
+    entry = of_file(path)
+    if entry is None or entry.vit is None:
+        raise QsdError(f"{path} holds a timm teacher of no bundled shape; use it as "
+                       f"`finetune --teacher-checkpoint {path}`")
+    model = entry.build()
+    load_state_dict_checked(model, sd, source=str(path))
     return model.eval()
 
 
@@ -248,12 +271,14 @@ def _set_quantized_weights(model: nn.Module, ints: dict[str, torch.Tensor]) -> N
 
 
 def save(model: nn.Module, path: str | os.PathLike, kind: str | None = None, keep_float: bool = False,
-         **extra: Any) -> Path:
+         half: bool = False, **extra: Any) -> Path:
     """Write ``model`` as a ``.qsd`` file (atomic), recording how to rebuild it and provenance.
 
     Quantized weights are stored as bit-packed integers (the file follows the bits); their float
     latent weights, which only further finetuning needs, are kept with ``keep_float=True``.
-    Loading gives the same quantized weights and logits either way.
+    Loading gives the same quantized weights and logits either way. ``half`` stores float32
+    tensors as float16 (half the bytes; the loaded model holds their float16 values, so measure
+    accuracy on the loaded file).
     """
     meta = model_meta(model)
     meta.pop("packed_weights", None)
@@ -261,44 +286,84 @@ def save(model: nn.Module, path: str | os.PathLike, kind: str | None = None, kee
         meta["kind"] = kind
     meta["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     meta.update(extra)
-    if keep_float:
-        return save_qsd(path, model.state_dict(), meta)
-    sd, packed = _packed_state(model)
+    sd, packed = (model.state_dict(), False) if keep_float else _packed_state(model)
     if packed:
         meta["packed_weights"] = True
+    if half:
+        sd = {k: v.half() if v.dtype == torch.float32 else v for k, v in sd.items()}
+        meta["stored_dtype"] = "float16"
     return save_qsd(path, sd, meta)
 
 
+#: the kinds of ``.qsd`` file each command takes from a work directory (None: any)
+TAKES: dict[str, tuple[str, ...] | None] = {
+    "float": ("float",),          # convert, sensitivity
+    "converted": ("converted",),  # finetune
+    "any": None,                  # eval, export, report
+}
+
+
+class _Header:
+    """A file's metadata standing in for its model, so :func:`model_data` reads it unopened."""
+
+    def __init__(self, meta: dict) -> None:
+        self.qsd_meta = meta
+
+
+def newest_qsd(workdir: str | os.PathLike, takes: str = "any", data: str | None = None) -> Path | None:
+    """The most recently written ``.qsd`` of the work directory of a kind in ``TAKES[takes]``
+    whose own data is ``data`` (when given; a file recording no data matches any)."""
+    d = Path(workdir)
+    kinds = TAKES[takes]
+    for path in sorted(d.glob("*.qsd"), key=lambda p: p.stat().st_mtime, reverse=True) if d.is_dir() else []:
+        meta = read_header_metadata(path)
+        own = model_data(_Header(meta))
+        if (kinds is None or meta.get("kind") in kinds) and (data is None or own is None or same_data(own, data)):
+            return path
+    return None
+
+
+def locate_model(model: str | os.PathLike | None, workdir: str | os.PathLike | None = None,
+                 data: str | None = None, takes: str = "any") -> Path:
+    """The one rule every command resolves its MODEL by:
+
+    1. MODEL itself: a file, or the name of a bundled model (``qsdcompress list``);
+    2. else the newest ``.qsd`` in the work directory that the command takes (``takes``: a float
+       model for convert and sensitivity, a converted one for finetune, any for eval, export and
+       report) and whose own data is ``--data`` when given;
+    3. else the default bundled model of ``--data`` (digits when not given); finetune, which needs
+       a converted model, says to run convert instead.
+    """
+    if model is not None:
+        return model_file(model)
+    found = newest_qsd(workdir, takes, data) if workdir is not None else None
+    if found is not None:
+        return found
+    if takes == "converted":
+        where = f" of {data}" if data else ""
+        raise QsdError(f"no converted model{where} in {workdir}: run `qsdcompress convert"
+                       f"{' --data ' + data if data else ''}` first (or pass MODEL)")
+    return default_for(data or "digits").require()
+
+
 def resolve_model(model: nn.Module | str | os.PathLike | None, arch: str | None = None,
-                  data: str = "digits") -> nn.Module:
-    """A model given as a module, a path, or None (the bundled model of ``data``)."""
+                  data: str | None = None, workdir: str | os.PathLike | None = None,
+                  takes: str = "any") -> nn.Module:
+    """A model given as a module, else loaded from what :func:`locate_model` finds."""
+    return resolve_source(model, workdir, data, takes, arch)[0]
+
+
+def resolve_source(model: nn.Module | str | os.PathLike | None, workdir: str | os.PathLike | None = None,
+                   data: str | None = None, takes: str = "any", arch: str | None = None
+                   ) -> tuple[nn.Module, str]:
+    """The model and where it came from (a module as given, else :func:`locate_model`'s file)."""
     if isinstance(model, nn.Module):
-        return model
+        return model, getattr(model, "arch", "model")
     if model is None and arch is not None:
         resolve_name(arch)  # an unknown name fails here with suggestions
         raise QsdError(f"--arch {arch} needs the weights: pass --checkpoint PATH (or MODEL)")
-    return bundled_model(data=data) if model is None else load(model, arch=arch)
-
-
-def newest_qsd(workdir: str | os.PathLike) -> Path | None:
-    """The most recently written ``.qsd`` file of the work directory, if any."""
-    d = Path(workdir)
-    files = sorted(d.glob("*.qsd"), key=lambda p: p.stat().st_mtime) if d.is_dir() else []
-    return files[-1] if files else None
-
-
-def resolve_source(model: nn.Module | str | os.PathLike | None, workdir: str | os.PathLike | None,
-                   data: str = "digits") -> tuple[nn.Module, str]:
-    """The model to export/report and where it came from: a module, a path, else the newest
-    ``.qsd`` of ``workdir``, else the bundled model of ``data``."""
-    if isinstance(model, nn.Module):
-        return model, getattr(model, "arch", "model")
-    if model is None:
-        found = newest_qsd(workdir) if workdir is not None else None
-        if found is not None:
-            return load(found), str(found)
-        return bundled_model(data=data), str(bundled_path(data=data))
-    return load(model), str(model)
+    path = locate_model(model, workdir, data, takes)
+    return load(path, arch=arch), str(model if model is not None and not Path(model).exists() else path)
 
 
 def pick_device(device: str, local_rank: int = 0) -> torch.device:
@@ -317,4 +382,4 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 __all__ = ["load", "save", "model_meta", "bundled_model", "guess_arch", "build_from_meta", "resolve_model",
-           "resolve_source", "newest_qsd", "pick_device", "has_reference_lsq", "load_pretrained"]
+           "resolve_source", "newest_qsd", "locate_model", "model_file", "TAKES", "pick_device", "has_reference_lsq", "load_pretrained"]

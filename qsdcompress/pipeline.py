@@ -1,6 +1,6 @@
 """Orchestration above the concerns: what each command does from end to end, and the demo.
 
-* :func:`evaluate_model` (``eval``): a model, checkpoint or ONNX file on a dataset.
+* :func:`run_eval` (``eval``): a model, checkpoint or ONNX file on a dataset.
 * :func:`convert_model` (API ``convert``) and :func:`run_convert` (``convert``: load, convert,
   evaluate before/after, save).
 * :func:`demo`: convert -> finetune -> export -> report in one work directory, ending with one
@@ -18,50 +18,57 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from .config import DEFAULT_WORKDIR
-from .data import (DataConfig, build_loader, class_mismatch, data_name, foreign_data_reason, model_data,
+from .data import (DataConfig, build_loader, class_mismatch, data_for, data_name, foreign_data_reason, model_data,
                    num_classes_of)
 from .errors import QsdError
-from .export import export
-from .export.runtime import onnx_metadata, onnx_predictor
+from .onnx_export import export
+from .onnx_export.runtime import onnx_metadata, onnx_predictor
 from .io import ensure_writable_dir, sha256_file
-from .loading import load, pick_device, resolve_model, save
+from .loading import load, locate_model, pick_device, resolve_model, resolve_source, save
 from .metrics import evaluate
 from .mixed import Budget, convert_to_budget
 from .neurons import IELIF, iter_neurons, set_spike_mode
 from .quant import QuantConfig, convert
-from .report import report
+from .reporting import report
 from .sizing import model_size
 from .train import finetune
 from .ui import console
-from .zoo import bundled_path
 
 
-def evaluate_model(model: nn.Module | str | os.PathLike | None = None, data: str | None = None, split: str = "test",
-                   batch_size: int = 128, device: str = "cpu", spike_mode: str | None = None,
-                   arch: str | None = None, max_batches: int | None = None) -> dict:
-    """Top-1/top-5/loss of a model (or ``.qsd``/checkpoint/ONNX path; None = bundled) on a dataset:
-    ``data``, else the data the model records as its own, else digits. Data whose classes are not
-    the model's is refused (one line naming both)."""
+def run_eval(model: nn.Module | str | os.PathLike | None = None, data: str | None = None, split: str = "test",
+                   batch_size: int = 128, device: str = "auto", spike_mode: str | None = None,
+                   arch: str | None = None, max_batches: int | None = None,
+                   workdir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
+                   precision: str | None = None) -> dict:
+    """Top-1/top-5/loss of a model (a module, a file, an ONNX file or a bundled name; None: the
+    one rule of :func:`~qsdcompress.loading.locate_model`) on ``data``, else the data the model
+    records as its own, else digits. Data of another data set or other classes is refused. An
+    ONNX file runs under ``runtime`` (``precision``: OpenVINO's inference precision)."""
     if isinstance(model, (str, os.PathLike)) and str(model).lower().endswith(".onnx"):
-        predictor, cfg, num_classes = onnx_predictor(model)
+        predictor, cfg, num_classes = onnx_predictor(model, runtime=runtime, precision=precision)
         data = data or onnx_metadata(model).get("data") or "digits"
         loader = build_loader(data, split, cfg, batch_size=batch_size, num_classes=num_classes)
         _check_classes(num_classes, data, loader, str(model))
-        return {**evaluate(predictor, loader, "cpu", description="eval (onnxruntime)", max_batches=max_batches),
-                "model": str(model), "data": data, "runtime": "onnxruntime"}
-    m = resolve_model(model, arch, data or "digits")
-    data = data or model_data(m) or "digits"
+        ran = f"eval ({predictor.runtime}, {predictor.precision})"
+        return {**evaluate(predictor, loader, "cpu", description=ran, max_batches=max_batches),
+                "model": str(model), "data": data, "split": split, "runtime": predictor.runtime,
+                "precision": predictor.precision}
+    if runtime != "onnxruntime" or precision is not None:
+        raise QsdError("--runtime and --precision apply to an exported .onnx file; a PyTorch model runs in PyTorch",
+                       hint="export it first (qsdcompress export), then eval the .onnx file")
+    m, name = resolve_source(model, workdir, data, "any", arch)
+    data = data_for(m, data, name)
     dev = pick_device(device)
     m.to(dev)
     if spike_mode:
         set_spike_mode(m, spike_mode)
     loader = build_loader(data, split, DataConfig.from_model(m), batch_size=batch_size, num_classes=m.num_classes)
-    name = str(model) if model is not None and not isinstance(model, nn.Module) else getattr(m, "arch", "model")
     _check_classes(m.num_classes, data, loader, name)
     out = evaluate(m, loader, dev, max_batches=max_batches)
     if spike_mode:
         set_spike_mode(m, "integer")
-    return {**out, "model": name, "data": data, "spike_mode": spike_mode or "integer"}
+    return {**out, "model": name, "data": data, "split": split, "spike_mode": spike_mode or "integer",
+            "parameters": sum(p.numel() for p in m.parameters())}
 
 
 def _check_classes(num_classes: int, data: str, loader: Any, name: str) -> None:
@@ -117,7 +124,7 @@ def convert_summary(model: nn.Module) -> dict:
                                     "float_size_mb_paper")}}
 
 
-def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str | None
+def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str | None, device: Any = "cpu"
                        ) -> tuple[float | None, float | None, str | None]:
     """Test top-1 of both models on ``data`` when its classes are the model's; else ``(None, None, why)``."""
     if not data:
@@ -131,14 +138,14 @@ def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str |
     foreign = foreign_data_reason(converted, data, loader)
     if foreign or num_classes_of(loader.dataset) is None:
         return None, None, f"top-1 not measured: {foreign or f'{data} has no class labels'}"
-    return (evaluate(float_model, loader, description="eval float")["top1"],
-            evaluate(converted, loader, description="eval converted")["top1"], None)
+    return (evaluate(float_model, loader, device, description="eval float")["top1"],
+            evaluate(converted, loader, device, description="eval converted")["top1"], None)
 
 
 def run_convert(model: str | os.PathLike | nn.Module | None = None, config: QuantConfig | None = None,
                 arch: str | None = None, workdir: str | os.PathLike = DEFAULT_WORKDIR,
                 output: str | os.PathLike | None = None, evaluate_top1: bool = True, keep_float: bool = False,
-                budget: Budget | None = None) -> dict:
+                budget: Budget | None = None, device: str = "auto") -> dict:
     """What ``qsdcompress convert`` does: load, convert, evaluate before/after, save; a summary dict.
 
     The ``.qsd`` holds bit-packed integer weights; ``keep_float`` also keeps the float latent
@@ -152,7 +159,8 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     out_path = Path(output) if output is not None else Path(workdir) / "converted.qsd"
     ensure_writable_dir(out_path.parent)  # before minutes of calibration, not after
     t0 = time.perf_counter()
-    float_model = _float_model(model, arch, config.calib_data or "digits")
+    dev = pick_device(device)
+    float_model = _float_model(model, arch, config.calib_data, workdir).to(dev)
     plan = None
     if budget is not None and budget.active:
         converted, plan = convert_to_budget(float_model, config, budget)
@@ -163,7 +171,7 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     if data:
         converted.qsd_meta = {**(getattr(converted, "qsd_meta", None) or {}), "data": data}
     save(converted, out_path, kind="converted", keep_float=keep_float)
-    before, after, note = (_top1_before_after(float_model, converted, data) if evaluate_top1
+    before, after, note = (_top1_before_after(float_model, converted, data, dev) if evaluate_top1
                            else (None, None, "top-1 not measured (--no-eval)"))
     return {"output": str(out_path), "top1_before": before, "top1_after": after,
             "top1_data": data if before is not None else None, "top1_note": note,
@@ -173,15 +181,14 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
             "convert_seconds": round(seconds, 2), **({"plan": plan} if plan is not None else {})}
 
 
-def _float_model(model: str | os.PathLike | nn.Module | None, arch: str | None, data: str) -> nn.Module:
+def _float_model(model: str | os.PathLike | nn.Module | None, arch: str | None, data: str | None,
+                 workdir: str | os.PathLike | None) -> nn.Module:
     """The model to convert, in eval mode, its file's path and sha256 recorded as its source."""
     if isinstance(model, nn.Module):
         return model.eval()
     if model is None and arch is not None:
         resolve_model(None, arch)  # explains that weights are needed
-    path = Path(model) if model is not None else bundled_path(data=data)
-    if not path.exists() and model is None:
-        resolve_model(None, data=data)  # says which bundled model is missing
+    path = locate_model(model, workdir, data, "float")
     float_model = load(path, arch=arch).eval()
     float_model.qsd_meta = {**(getattr(float_model, "qsd_meta", None) or {}),
                             "source": {"path": str(path), "sha256": sha256_file(path)}}
@@ -197,7 +204,7 @@ def _row(top1: float | None, rep: dict | None, size_bytes: int | None = None, **
 
 def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: str = "ann",
          epochs: int | None = None, data: str = "digits", report_batches: int = 4,
-         on_stage: Callable[[str], None] | None = None) -> dict:
+         on_stage: Callable[[str], None] | None = None, device: str = "auto") -> dict:
     """Run convert (``bits``-bit weights, IE-LIF on q/k/v) -> finetune (``teacher``, KD + FGD) ->
     export (packed ONNX, parity-checked) -> report on the bundled model of ``data`` (digits, or
     ``fashion-mnist`` where its bundled model and data are installed).
@@ -217,13 +224,13 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
     say(f"1/4 convert: {bits}-bit weights, IE-LIF on q/k/v")
     t = time.perf_counter()
     conv = run_convert(None, QuantConfig(bits=bits, calib_data=data), workdir=wd,
-                       keep_float=True)  # finetune starts from the float weights
+                       keep_float=True, device=device)  # finetune starts from the float weights
     stages["convert"] = {**{k: conv[k] for k in ("output", "top1_before", "top1_after")},
                          "seconds": round(time.perf_counter() - t, 1)}
 
     say(f"2/4 finetune: teacher {teacher}, logit KD + fine-grained distillation")
     t = time.perf_counter()
-    ft_opts: dict[str, Any] = {"workdir": str(wd), "data": data}
+    ft_opts: dict[str, Any] = {"workdir": str(wd), "data": data, "device": device}
     if epochs is not None:
         ft_opts["epochs"] = epochs
     ft = finetune(wd / "converted.qsd", teacher=teacher, **ft_opts)
@@ -241,20 +248,22 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
     t = time.perf_counter()
     converted = load(wd / "converted.qsd")
     finetuned = load(Path(ft["output"]))
-    reps = {name: report(m, data=data, batches=report_batches, compare_float=False)
+    reps = {name: report(m, data=data, batches=report_batches, compare_float=False, device=device)
             for name, m in (("float", float_model), ("converted", converted), ("finetuned", finetuned))}
     # convert and finetune already evaluated these models on the full test split
     tops = {"float": conv["top1_before"], "converted": conv["top1_after"], "finetuned": ft["top1"]}
-    vals = {"converted": ft.get("input_val_top1"), "finetuned": ft.get("val_top1")}  # what finetune chose on
-    onnx_eval = evaluate_model(str(ex["output"]), data=data)
+    # what finetune chose on: val top-1, ties broken by val loss
+    vals = {"converted": (ft.get("input_val_top1"), ft.get("input_val_loss")),
+            "finetuned": (ft.get("val_top1"), ft.get("val_loss"))}
+    onnx_eval = run_eval(str(ex["output"]), data=data)
     stages["report"] = {"seconds": round(time.perf_counter() - t, 1)}
 
     rows = {
         "float": _row(tops["float"], reps["float"], what=f"bundled {float_model.arch}, float32 weights"),
         "converted": _row(tops["converted"], reps["converted"], what=f"W{bits} after convert (no finetuning)",
-                          val_top1=vals["converted"]),
+                          val_top1=vals["converted"][0], val_loss=vals["converted"][1]),
         "finetuned": _row(tops["finetuned"], reps["finetuned"], what=f"W{bits} after finetune ({teacher} teacher)",
-                          val_top1=vals["finetuned"]),
+                          val_top1=vals["finetuned"][0], val_loss=vals["finetuned"][1]),
         # the ONNX graph is the finetuned network: same spikes and operations, its size is the file's
         "onnx": _row(onnx_eval["top1"], reps["finetuned"], size_bytes=int(ex["file_bytes"]),
                      what="exported ONNX run by onnxruntime (size: file on disk)"),
@@ -273,20 +282,21 @@ def show_demo(result: dict) -> None:
 
     t = Table(title=f"qsdcompress demo: bundled {result.get('data', 'digits')} model, W{result['bits']}, "
                     f"{result['seconds']:.0f} s, outputs in {result['workdir']}")
-    for c in ("model", "val top-1", "test top-1", "size", "size x", "SOPs", "energy (mJ)", "energy x"):
+    for c in ("model", "val top-1", "val loss", "test top-1", "size", "size x", "SOPs", "energy (mJ)", "energy x"):
         # fold, not an ellipsis: on a narrow terminal a number wraps but is never cut
         t.add_column(c, justify="left" if c == "model" else "right", overflow="fold")
     for name, r in result["rows"].items():
         val = f"{r['val_top1'] * 100:.2f}%" if r.get("val_top1") is not None else "-"
-        t.add_row(name, val, f"{r['top1'] * 100:.2f}%", _bytes(r["size_bytes"]),
+        loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-"
+        t.add_row(name, val, loss, f"{r['top1'] * 100:.2f}%", _bytes(r["size_bytes"]),
                   f"{r['size_x']:.1f}x" if r["size_x"] else "-", f"{r['sops']:.3g}" if r["sops"] else "-",
                   f"{r['energy_mj']:.4g}" if r["energy_mj"] else "-",
                   f"{r['energy_x']:.1f}x" if r["energy_x"] else "-")
     console.print(t)
     for name, r in result["rows"].items():
         console.print(f"  [dim]{name}: {r['what']}[/]")
-    console.print("  [dim]val: the held-out part of the training data finetune chooses on (never worse than its "
-                  "input there); test: measured once[/]")
+    console.print("  [dim]val: the held-out part of the training data finetune chooses on (higher top-1, ties "
+                  "broken by lower loss; never worse than its input there); test: measured once[/]")
     et = result.get("energy_table") or {}
     if et:
         console.print(f"  [dim]energy per image, {et.get('source', '45 nm convention')}[/]")
@@ -298,5 +308,5 @@ def _bytes(n: int | None) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-__all__ = ["evaluate_model", "convert_model", "run_convert", "convert_summary", "demo",
+__all__ = ["run_eval", "convert_model", "run_convert", "convert_summary", "demo",
            "show_demo"]

@@ -9,8 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import qsdcompress as q
 from qsdcompress.cli import main
-from qsdcompress.zoo import BUNDLED_SNN
+from qsdcompress.zoo import MODELS
+
+BUNDLED_SNN = MODELS["qsd_tiny_digits"].path
 
 MARKER = "/tmp/qsdcompress_cli_pwned_marker"
 
@@ -112,29 +115,29 @@ def test_unknown_names_suggest_closest(tmp_path):
     assert_clean_error(invoke(["eval", "--arch", "qsd_tinny", "--checkpoint", BUNDLED_SNN], tmp_path),
                        "qsd_tiny")
     (tmp_path / "wd").mkdir()
-    import shutil
-
-    shutil.copy(BUNDLED_SNN, tmp_path / "wd" / "converted.qsd")
+    q.save(q.load(BUNDLED_SNN), tmp_path / "wd" / "converted.qsd", kind="converted")
     r = invoke(["finetune", "--teacher", "vit_bse", "--workdir", tmp_path / "wd"], tmp_path)
     assert_clean_error(r, "vit_base")
 
 
 def test_data_folder_problems(tmp_path):
+    """A model that records no data of its own (a fresh one), so that the folder is what is read."""
+    model = q.save(q.create_model("qsd_tiny").eval(), tmp_path / "fresh.qsd")
     (tmp_path / "empty").mkdir()
-    assert_clean_error(invoke(["eval", "--data", tmp_path / "empty"], tmp_path), "no class subfolders")
+    assert_clean_error(invoke(["eval", model, "--data", tmp_path / "empty"], tmp_path), "no class subfolders")
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "a.png").write_bytes(b"not a png")
-    assert_clean_error(invoke(["eval", "--data", flat], tmp_path), "no class subfolders")
+    assert_clean_error(invoke(["eval", model, "--data", flat], tmp_path), "no class subfolders")
     for k in range(10):  # as many classes as the model, so that the images themselves are read
         bad = tmp_path / "badimg" / f"cls{k}"
         bad.mkdir(parents=True)
         (bad / "a.png").write_bytes(b"not a png")
-    assert_clean_error(invoke(["eval", "--data", tmp_path / "badimg"], tmp_path), "cannot read image")
+    assert_clean_error(invoke(["eval", model, "--data", tmp_path / "badimg"], tmp_path), "cannot read image")
     one = tmp_path / "oneclass" / "cls"
     one.mkdir(parents=True)
     (one / "a.png").write_bytes(b"not a png")
-    assert_clean_error(invoke(["eval", "--data", tmp_path / "oneclass"], tmp_path),
+    assert_clean_error(invoke(["eval", model, "--data", tmp_path / "oneclass"], tmp_path),
                        "oneclass has 1 classes, the model predicts 10")
 
 

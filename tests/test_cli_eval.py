@@ -6,7 +6,9 @@ from click.testing import CliRunner
 
 import qsdcompress as q
 from qsdcompress.cli import main
-from qsdcompress.zoo import BUNDLED_ANN, BUNDLED_SNN
+from qsdcompress.zoo import MODELS
+
+BUNDLED_SNN, BUNDLED_ANN = MODELS["qsd_tiny_digits"].path, MODELS["qsd_tiny_digits_ann"].path
 
 
 def run(*args):
@@ -77,14 +79,12 @@ def test_no_model_means_the_bundled_model_of_the_data(tmp_path, monkeypatch):
     data = tmp_path / "fm"
     make_idx_dir(data, n_train=40, n_test=20)
     spec = f"fashion-mnist:{data}"
-    monkeypatch.setattr(zoo, "FMNIST_SNN", tmp_path / "missing.qsd")
-    r = CliRunner().invoke(main, ["eval", "--data", spec, "--json"])
-    assert r.exit_code == 2 and "no bundled model for --data" in r.output and "train_fmnist.py" in r.output
-    stand_in = tmp_path / "fm.qsd"
-    save(q.create_model("qsd_tiny_fmnist").eval(), stand_in)
-    monkeypatch.setattr(zoo, "FMNIST_SNN", stand_in)
-    r = CliRunner().invoke(main, ["eval", "--data", spec, "--json"])
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path)
+    r = CliRunner().invoke(main, ["eval", "--data", spec, "--json", "--workdir", str(tmp_path / "wd")])
+    assert r.exit_code == 2 and "qsd_tiny_fmnist is not in this installation" in json.loads(r.stdout)["error"]
+    assert "train_fmnist.py" in r.stdout
+    save(q.create_model("qsd_tiny_fmnist").eval(), tmp_path / "qsd_tiny_fmnist.qsd")
+    r = CliRunner().invoke(main, ["eval", "--data", spec, "--json", "--workdir", str(tmp_path / "wd")])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["samples"] == 20 and out["model"] == "qsd_tiny_fmnist"
-    assert zoo.bundled_path(data="digits") == zoo.BUNDLED_SNN
+    assert out["samples"] == 20 and out["model"] == str(tmp_path / "qsd_tiny_fmnist.qsd")

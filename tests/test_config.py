@@ -20,7 +20,7 @@ def _changed() -> FinetuneConfig:
 def test_defaults_match_the_documented_ones():
     c = FinetuneConfig()
     assert c.workdir == DEFAULT_WORKDIR == "qsdcompress-out"
-    assert (c.teacher, c.data, c.epochs, c.lr, c.tau, c.device) == ("ann", "digits", 3, 5e-4, 1.0, "auto")
+    assert (c.teacher, c.data, c.epochs, c.lr, c.tau, c.device) == ("ann", None, 3, 5e-4, 1.0, "auto")
     assert c.validate() is c
 
 

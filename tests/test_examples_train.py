@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import qsdcompress as q
+from qsdcompress.qsdfile import read_checkpoint
 from test_data import make_idx_dir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_fmnist_8_256.py"
@@ -39,7 +40,8 @@ def _untimed(history: list[dict]) -> list[dict]:
 def test_stopped_and_resumed_run_is_the_uninterrupted_run(tmp_path, monkeypatch):
     t = _script()
     # the resume logic does not depend on the model: the 1.7M-parameter tiny one keeps this test fast
-    monkeypatch.setattr(t, "build_model", lambda size: q.create_model("qsd_tiny_fmnist", img_size=size))
+    monkeypatch.setattr(t, "build_model", lambda size, ann=False: q.create_model(
+        "qsd_tiny_fmnist", img_size=size, **({"neuron": "relu"} if ann else {})))
     make_idx_dir(tmp_path / "f", n_train=120, n_test=10)  # 110 train (4 steps of 25), 10 val, 10 test
     common = ["--data", f"fashion-mnist:{tmp_path / 'f'}", "--img-size", "16", "--batch-size", "25",
               "--epochs", "2", "--ckpt-every", "2", "--log-every", "2", "--threads", "1"]
@@ -59,7 +61,16 @@ def test_stopped_and_resumed_run_is_the_uninterrupted_run(tmp_path, monkeypatch)
     assert _untimed(a["history"]) == _untimed(b["history"])
     curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
     assert [c["epoch"] for c in curve] == [1, 2] and all(c["machine"]["cpu"] for c in curve)
-    assert (out / "qsd_8_256_fmnist.qsd").is_file()
+    # stored in float16, and the figures are those of the stored file
+    sd, meta = read_checkpoint(out / "qsd_8_256_fmnist.qsd")
+    assert sd["head.weight"].dtype == torch.float16 and meta["training"]["stored_dtype"] == "float16"
+    loaded = q.load(out / "qsd_8_256_fmnist.qsd")
+    assert q.eval(loaded, data=common[1], split="test")["top1"] == got["test_top1"]
+    # the counterpart ANN starts from it
+    ann = t.main([*common, "--out", str(out), "--ann", "--epochs", "1"])
+    _, meta = read_checkpoint(out / "ann" / "qsd_8_256_fmnist_ann.qsd")
+    assert meta["model_args"]["neuron"] == "relu" and meta["training"]["init"].startswith("trained SNN")
+    assert meta["training"]["test_top1"] == ann["test_top1"]
 
 
 def test_reference_topology_keeps_a_4x4_token_grid_at_64_px():

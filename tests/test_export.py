@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qsdcompress as q
 from qsdcompress.errors import QsdError
-from qsdcompress.export import (ExportConfig, check_parity, export, export_module, onnx_metadata, onnx_predictor,
+from qsdcompress.onnx_export import (ExportConfig, check_parity, export, export_module, onnx_metadata, onnx_predictor,
                                 packed_tensor, parity_batch)
 from qsdcompress.neurons import iter_neurons
 from qsdcompress.quant import QuantConfig, convert

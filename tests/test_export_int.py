@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from onnx import TensorProto
 
 import qsdcompress as q
-import qsdcompress.export.exporter as exporter_mod
+import qsdcompress.onnx_export.exporter as exporter_mod
 from qsdcompress.errors import QsdError
 from qsdcompress.models.random_init import randomize_
-from qsdcompress.export import ExportConfig, export, parity_batch
-from qsdcompress.export.integer import MS_DOMAIN
+from qsdcompress.onnx_export import ExportConfig, export, parity_batch
+from qsdcompress.onnx_export.integer import MS_DOMAIN
 from qsdcompress.quant import convert
 
 
@@ -91,7 +91,7 @@ def test_attention_second_product_exact_in_float_or_int32(exact_limit, monkeypat
     """``q_s @ (k_s^T v_s)``: a float MatMul of the integers while no sum can reach the limit
     (D * D * tokens * D * head width: far below 2**24 here), an int32 MatMul beyond (the limit
     forced to 0); both exact, so no image may differ."""
-    import qsdcompress.export.integer as integer_mod
+    import qsdcompress.onnx_export.integer as integer_mod
 
     monkeypatch.setattr(integer_mod, "FLOAT32_EXACT", exact_limit)
     out = tmp_path / "m.onnx"

@@ -1,4 +1,4 @@
-"""Every kind of model the toolkit accepts exports in both formats and passes the parity contract:
+"""Every kind of model the toolkit accepts exports in every format and passes the parity contract:
 fresh (constant logits), randomised, reference-LSQ-imported and trained models, W1-W8, mixed
 widths, D = 2/4/8, Meta-SpikeFormer (LIF neurons, T = 4); small configurations."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import qsdcompress as q
-from qsdcompress.export import export, parity_batch
+from qsdcompress.onnx_export import export, parity_batch
 from qsdcompress.models.random_init import randomize_
 from qsdcompress.quant import QuantConfig, convert
 
@@ -49,7 +49,7 @@ CASES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["int", "qdq"])
+@pytest.mark.parametrize("fmt", ["int", "qdq", "std-int"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_kind_of_model_exports_and_passes_the_contract(case, fmt, tmp_path):
     torch.manual_seed(0)

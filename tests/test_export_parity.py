@@ -14,8 +14,8 @@ from onnx import numpy_helper
 
 import qsdcompress as q
 from qsdcompress.errors import QsdError
-from qsdcompress.export import ExportConfig, build_onnx, check_parity, export, onnx_metadata, parity_batch
-from qsdcompress.export.parity import FRAGILE_REL, _reference_pass, spike_tensors
+from qsdcompress.onnx_export import ExportConfig, build_onnx, check_parity, export, onnx_metadata, parity_batch
+from qsdcompress.onnx_export.parity import FRAGILE_REL, _reference_pass, spike_tensors
 from qsdcompress.neurons import MultiSpike, iter_neurons
 from qsdcompress.quant import QuantConfig, convert
 

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qsdcompress.export.requant import requant_params, spike_thresholds
+from qsdcompress.onnx_export.requant import requant_params, spike_thresholds
 
 
 def _reference(acc: np.ndarray, A: np.ndarray, B: np.ndarray, levels: int) -> np.ndarray:

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from qsdcompress.errors import QsdError
-from qsdcompress.io import atomic_path, cpu_name, machine_description, read_checkpoint, save_qsd, unwrap_state_dict
+from qsdcompress.io import atomic_path, unwrap_state_dict
+from qsdcompress.qsdfile import read_checkpoint, save_qsd
 
 
 class _Evil:
@@ -93,30 +94,3 @@ def test_save_qsd_round_trip_with_shared_tensors(tmp_path):
     sd, meta = read_checkpoint(p)
     assert torch.equal(sd["a"], t) and torch.equal(sd["b"], t) and torch.equal(sd["c"], t[1])
     assert meta["arch"] == "x" and "torch" in meta["versions"]
-
-
-def test_cpu_name_reads_cpuinfo_and_falls_back_to_the_architecture(tmp_path, monkeypatch):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n"
-                    "model name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz\n\nprocessor\t: 1\nmodel name\t: other\n")
-    assert cpu_name(info) == "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"
-    monkeypatch.setattr("platform.machine", lambda: "aarch64")
-    assert cpu_name(tmp_path / "missing") == "aarch64"
-    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # ARM cpuinfo has no model name
-    assert cpu_name(info) == "aarch64"
-
-
-def test_machine_description_records_the_threads_in_use_and_the_cpu_model(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
-                    "model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 25\n")
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        m = machine_description(info)
-        assert m["torch_threads"] == 1 and m["cores"] == os.cpu_count()
-        assert m["cpu"] == "AMD EPYC" and m["cpu_id"] == "cpu family 26 model 2 stepping 1"
-        assert m["cuda"] is None or isinstance(m["cuda"], str)
-        assert machine_description(tmp_path / "missing")["cpu_id"] is None
-    finally:
-        torch.set_num_threads(before)

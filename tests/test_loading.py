@@ -7,11 +7,13 @@ import torch
 
 import qsdcompress as q
 from qsdcompress.errors import QsdError
-from qsdcompress.io import pack_ints, read_checkpoint, unpack_ints
+from qsdcompress.qsdfile import pack_ints, read_checkpoint, unpack_ints
 from qsdcompress.loading import load, save
 from qsdcompress.quant import is_quant_layer
 from qsdcompress.sizing import model_size
-from qsdcompress.zoo import BUNDLED_SNN
+from qsdcompress.zoo import MODELS
+
+BUNDLED_SNN = MODELS["qsd_tiny_digits"].path
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

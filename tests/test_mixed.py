@@ -85,8 +85,9 @@ def test_prefix_replay_gives_the_logits_of_a_full_run(digits):
 
 
 def test_sensitivity_output_keys_shape_and_plot(tmp_path):
-    r = CliRunner().invoke(main, ["sensitivity", "--bits", "2,8", "--samples", "4", "--json",
-                                  "--plot", str(tmp_path / "s.png"), "-o", str(tmp_path / "s.json")])
+    r = CliRunner().invoke(main, ["sensitivity", "--candidate-bits", "2,8", "--samples", "4", "--json",
+                                  "--plot", str(tmp_path / "plots"), "-o", str(tmp_path / "s.json"),
+                                  "--workdir", str(tmp_path)])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["metric"] == "kl" and d["bits"] == [2, 8] and d["samples"] == 4
@@ -96,7 +97,7 @@ def test_sensitivity_output_keys_shape_and_plot(tmp_path):
         assert set(g["damage"]) == {"2", "8"} and all(v >= 0 for v in g["damage"].values())
     first = d["groups"][0]["damage"]
     assert first["2"] > first["8"]  # the stem conv at 2 bits hurts more than at 8
-    assert (tmp_path / "s.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "sensitivity.png").stat().st_size > 0
     assert json.loads((tmp_path / "s.json").read_text())["groups"] == d["groups"]
 
 

@@ -93,9 +93,7 @@ def test_pretrained_without_bundled_weights_says_so():
         timm.create_model("qsd_8_256", pretrained=True)
     assert q.create_model("qsd_tiny", pretrained=True).num_classes == 10
     fm = timm.create_model("qsd_tiny_fmnist", pretrained=True)  # the bundled Fashion-MNIST weights
-    from qsdcompress.zoo import FMNIST_SNN
-
-    assert torch.equal(fm.head.weight, q.load(FMNIST_SNN).head.weight)
+    assert torch.equal(fm.head.weight, q.load("qsd_tiny_fmnist").head.weight)
 
 
 def test_models_describe_their_structure():

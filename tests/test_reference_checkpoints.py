@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import qsdcompress as q
 from qsdcompress.errors import QsdError
-from qsdcompress.io import read_checkpoint, strip_quant_extras
+from qsdcompress.io import strip_quant_extras
+from qsdcompress.qsdfile import read_checkpoint
 
 FIX = Path(__file__).parent / "fixtures"
 QSD_ARGS = dict(embed_dim=(16, 32, 64, 96), depth=4, num_heads=4, num_classes=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,7 +19,7 @@ from qsdcompress.data import DataConfig, build_loader
 from qsdcompress.errors import QsdError
 from qsdcompress.neurons import Neuron
 from qsdcompress.quant import QuantConfig, convert
-from qsdcompress.report import EnergyTable, layers_frame, plot, render, report
+from qsdcompress.reporting import EnergyTable, layers_frame, plot, render, report
 from qsdcompress.sizing import model_size as size_summary
 
 
@@ -136,7 +137,7 @@ def test_formats_and_plots(tmp_path):
     parsed = pd.read_csv(io.StringIO(csv), comment="#")
     assert len(parsed) == len(df) and "energy table" in csv
     md = render(r, "markdown")
-    assert "## Energy table" in md and "E_MAC = 4.6 pJ" in md
+    assert "## Energy table" in md and "E_MAC = 4.6 pJ" in md and "| block3.0 | " in md
     assert json.loads(render(r, "json"))["totals"]["params"] == r["totals"]["params"]
     assert "top1" in r["totals"]
     with pytest.raises(QsdError):
@@ -170,10 +171,18 @@ def test_cli_report_json_with_source_float_and_onnx(tmp_path):
     assert res.exit_code == 0 and out.read_text().startswith("# qsdcompress report")
 
 
+def _shortens(shown: str, name: str) -> bool:
+    """``shown`` is ``name`` whole, or its start and end around one ``…``."""
+    if "…" not in shown:
+        return shown == name
+    head, tail = shown.split("…")
+    return name.startswith(head) and name.endswith(tail) and len(head) + len(tail) < len(name)
+
+
 def test_terminal_tables_fit_80_columns_and_keep_names_and_numbers():
     from rich.console import Console
 
-    from qsdcompress.report.render import NAME_WIDTH, compact, short_name, show
+    from qsdcompress.reporting.render import NAME_WIDTH, compact, short_name, show
 
     r = report(q.create_model("qsd_8_256").eval(), data="synthetic:2", batches=1, batch_size=2)
     buf = io.StringIO()
@@ -182,13 +191,133 @@ def test_terminal_tables_fit_80_columns_and_keep_names_and_numbers():
     assert max(len(line) for line in text.splitlines()) <= 80
     for row in r["layers"]:
         shown = short_name(row["name"], NAME_WIDTH)
-        assert shown.lstrip("…") and row["name"].endswith(shown.lstrip("…"))
-        line = next(line for line in text.splitlines() if line.strip().startswith(shown))
+        assert len(shown) <= NAME_WIDTH and _shortens(shown, row["name"])
+        line = next(line for line in text.splitlines() if line.strip().startswith(shown + " "))
         assert compact(row["energy_pj"]) in line and compact(row["macs"]) in line
     assert "…" not in "".join(line.split()[-1] for line in text.splitlines() if line.strip())
     assert [compact(v) for v in (0, 0.1234, 12.34, 138_400, 1.384e6, 2.5e9)] == ["0", "0.123", "12.3", "138k",
                                                                                 "1.38M", "2.5G"]
-    assert short_name("block3.0.attn.proj_conv.0.body.2.1", 20) == "…0.body.2.1"  # whole dotted parts only
+
+
+def test_short_name_keeps_the_block_and_elides_the_middle():
+    from qsdcompress.mixed import layer_groups
+    from qsdcompress.reporting.render import short_name
+
+    assert short_name("block3.1.attn.q_conv", 30) == "block3.1.attn.q_conv"
+    assert short_name("block3.1.attn.q_conv", 15) == "block3.1…q_conv"
+    assert short_name("block3.0.attn.proj_conv.0.body.2.1", 20) == "block3.0…0.body.2.1"  # whole dotted parts
+    assert short_name("ConvBlock1_1.0.Conv.dwconv+pwconv2", 30) == "ConvBlock1_1.0…dwconv+pwconv2"
+    assert short_name("downsample1_1.encode_conv.weight", 30) == "downsample1_1…weight"
+    with torch.device("meta"):
+        groups = layer_groups(q.create_model("qsd_8_512"))
+    shown = {g.name: short_name(g.name, 24) for g in groups}  # sensitivity's table, narrower
+    for name, s in shown.items():
+        assert len(s) <= 24 and _shortens(s, name)
+        if name.startswith("block"):  # the block path survives: block3.1 never looks like block3.2
+            assert s.startswith(".".join(name.split(".")[:2]) + ("…" if s != name else ""))
+    assert len(set(shown.values())) == len(shown)
+
+
+def _long_workdir(tmp_path) -> Path:
+    """A work directory whose path is over 120 characters, holding a converted digits model that
+    names its float source, and an ONNX file."""
+    from qsdcompress.zoo import bundled_path
+
+    wd = tmp_path / ("a_rather_long_directory_name_" * 4) / "project"
+    assert len(str(wd)) > 120
+    wd.mkdir(parents=True)
+    m = convert(q.load(), QuantConfig(bits=2, ie_lif="none", calib_batches=0, scale_init="lsq"))
+    m.qsd_quant_meta["source"] = {"path": str(bundled_path())}
+    q.save(m, wd / "converted.qsd")
+    (wd / "model.onnx").write_bytes(b"x" * 10)
+    return wd
+
+
+@pytest.mark.parametrize("console_width", [80, 120, 200])
+def test_report_fits_80_columns_with_a_long_work_directory(tmp_path, console_width):
+    """Whatever the console's width (120 on a pipe) and the path's length: every line <= 80
+    columns; paths are shortened in the tables and printed whole below them."""
+    from rich.console import Console
+
+    from qsdcompress.reporting.render import show
+
+    wd = _long_workdir(tmp_path)
+    r = report(workdir=wd, batches=1, batch_size=16)
+    buf = io.StringIO()
+    show(r, Console(file=buf, width=console_width))
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert lines[0].startswith("layers of …/project/converted.qsd")
+    folded = "".join(line.rstrip() for line in lines)
+    for path in (wd / "converted.qsd", wd / "model.onnx", Path(r["float"]["file"])):
+        assert str(path) in folded
+    totals = "\n".join(lines)
+    assert "source float model …/" in totals and "9." not in totals.split("energy vs float")[0][-3:]
+    assert f"{r['vs_float']['energy_ratio']:.2f}x less" in totals
+
+
+def _reference_stages(rows: list[dict]) -> dict[str, float]:
+    """Energy per stage of qsd_tiny (blocks block3.0, block4.0), grouped by hand."""
+    prefixes = {"stage 1 conv": ("downsample1_1.", "ConvBlock1_1.", "downsample1_2.", "ConvBlock1_2."),
+                "stage 2 conv": ("downsample2.", "ConvBlock2_1.", "ConvBlock2_2."),
+                "stage 3 conv": ("downsample3.",), "block3.0": ("block3.0.",),
+                "stage 4 conv": ("downsample4.",), "block4.0": ("block4.0.",), "head": ("head",)}
+    out = {k: 0.0 for k in prefixes}
+    for r in rows:
+        (stage,) = [k for k, ps in prefixes.items() if r["name"].startswith(ps)]
+        out[stage] += r["energy_pj"]
+    return out
+
+
+def test_energy_by_stage_sums_to_the_total_and_the_plot_says_it():
+    from qsdcompress.reporting.plots import energy_figure
+
+    r = report(_tiny(), data="synthetic:8", batches=1, batch_size=8, compare_float=False)
+    ref = _reference_stages(r["layers"])
+    assert [s["stage"] for s in r["stages"]] == list(ref)
+    for s in r["stages"]:
+        assert s["energy_pj"] == pytest.approx(ref[s["stage"]], rel=1e-12)
+    assert sum(s["energy_pj"] for s in r["stages"]) * 1e-9 == pytest.approx(r["totals"]["energy_mj"], rel=1e-12)
+    assert sum(s["layers"] for s in r["stages"]) == len(r["layers"])
+    assert sum(s["share"] for s in r["stages"]) == pytest.approx(1.0)
+    fig = energy_figure(r)
+    by_stage, top = fig.axes
+    assert [t.get_text() for t in by_stage.get_yticklabels()] == list(ref)  # first stage on top
+    assert by_stage.get_xscale() == "log" and "energy per image" in by_stage.get_xlabel()
+    assert len(top.patches) == 10 and f"{r['totals']['energy_mj']:.4g} mJ" in fig._suptitle.get_text()
+
+
+def test_progress_follows_the_work(monkeypatch):
+    """The bar advances once per loaded model, per batch of each pass and per accounting, and
+    ends full; its text names the step that runs."""
+    import contextlib
+
+    import qsdcompress.reporting as rep
+
+    seen: list[tuple[int, int, str]] = []
+
+    class Bar:
+        completed, total = 0, 0
+
+        def update(self, task, advance=0, total=None, info=None):
+            self.completed += advance
+            self.total = total if total is not None else self.total
+            seen.append((self.completed, self.total, info))
+
+    @contextlib.contextmanager
+    def fake(description, total, extra=""):
+        bar = Bar()
+        bar.total = total
+        yield bar, 0
+
+    monkeypatch.setattr(rep, "progress_bar", fake)
+    report(_tiny(), data="synthetic:8", batches=3, batch_size=2)
+    done = [s for s in seen if s[2] is not None]
+    assert done[-1][0] == done[-1][1] == 3 + 3 + 2  # model, data, 3 batches, accounting; float: 2 steps
+    steps = [s[2] for s in done]
+    assert [x for x in steps if x.startswith("spikes: batch")] == ["spikes: batch 1/3", "spikes: batch 2/3",
+                                                                   "spikes: batch 3/3"]
+    assert [c for c, _, _ in done] == sorted(c for c, _, _ in done)
 
 
 def test_convert_report_and_export_print_the_same_size(tmp_path):

@@ -55,7 +55,7 @@ def test_api_names_resolve_to_their_functions():
     assert q.load is loading.load and q.save is loading.save and q.bundled_model is loading.bundled_model
     assert q.model_meta is loading.model_meta and q.create_model is models.create_model
     assert q.list_models is models.list_models and q.set_spike_mode is neurons.set_spike_mode
-    assert q.eval is pipeline.evaluate_model and q.convert is pipeline.convert_model and q.demo is pipeline.demo
+    assert q.eval is pipeline.run_eval and q.convert is pipeline.convert_model and q.demo is pipeline.demo
     assert q.sensitivity is sensitivity and q.finetune is finetune
     assert {"load", "eval", "export", "report"} <= set(dir(q))
     assert q.quant.QuantConfig is not None  # subpackages as attributes, as before

@@ -16,7 +16,8 @@ import qsdcompress as q
 from qsdcompress.cli import main
 from qsdcompress.config import FinetuneConfig, read_recipe
 from qsdcompress.errors import QsdError
-from qsdcompress.io import read_checkpoint
+from qsdcompress.qsdfile import read_checkpoint
+from qsdcompress.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(batch_size=16, eval_batch_size=64, eval_max_batches=1, threads=1, device="cpu")
@@ -70,8 +71,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, converted):
     cfg = FinetuneConfig(workdir=str(killed_dir), **opts)
     r = _run(cfg, kill_at=4)  # step 4 is inside epoch 2 (3 steps per epoch)
     assert r.returncode == -9, r.stderr[-2000:]
-    ckpt = torch.load(killed_dir / "finetune" / "checkpoint.pt", weights_only=True)
+    ckpt = load_checkpoint(killed_dir / "finetune" / "checkpoint.json")
     assert ckpt["progress"] == {"step": 4, "epoch": 1, "batch": 1}
+    assert not list((killed_dir / "finetune").glob("*.pt"))  # no pickle written
     assert not (killed_dir / "finetuned.qsd").exists()
 
     cfg.resume = "auto"
@@ -85,7 +87,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, converted):
         assert torch.equal(a[k], b[k]), k
     # training changed the weights (the output may still be the input: never worse on validation)
     inp = q.load(converted).state_dict()
-    trained = torch.load(full_dir / "finetune" / "checkpoint.pt", weights_only=True)["model"]
+    trained = load_checkpoint(full_dir / "finetune" / "checkpoint.json")["model"]
     assert any(not torch.equal(inp[k], trained[k]) for k in inp if inp[k].is_floating_point())
     assert meta_a["finetune"]["top1"] == meta_b["finetune"]["top1"]
     assert meta_a["finetune"]["kept"] == meta_b["finetune"]["kept"]
@@ -165,7 +167,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, converte
     cfg = FinetuneConfig(workdir=str(wd), steps=4, save_every=1, lambda_fgd=0.0, **{**SMALL, "batch_size": 8})
     with pytest.raises(QsdError, match="non-finite loss at step 3"):
         train.run_finetune(cfg)
-    ckpt = torch.load(wd / "finetune" / "checkpoint.pt", weights_only=True)
+    ckpt = load_checkpoint(wd / "finetune" / "checkpoint.json")
     assert ckpt["progress"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not (wd / "finetuned.qsd").exists()
@@ -201,6 +203,121 @@ def test_rng_state_round_trip():
     set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def _same(a, b) -> bool:
+    """Equal values of equal types: tensors bit for bit (dtype too), tuples stay tuples, NaN == NaN."""
+    if isinstance(a, torch.Tensor):
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        return torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                     and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+    if isinstance(a, dict):  # a state_dict's OrderedDict comes back as a dict, in the same order
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and a != a:
+        return b != b
+    return a == b
+
+
+def _trained_state(converted: Path) -> dict:
+    """A finetune-shaped state after two optimizer steps: AdamW moments, a cosine schedule, EMA."""
+    from timm.utils import ModelEmaV3
+
+    from qsdcompress.train import build_optimizer, build_scheduler, rng_state
+
+    model = q.load(converted)
+    cfg = FinetuneConfig(lr=1e-3)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, 10)
+    ema = ModelEmaV3(model, decay=0.9)
+    for step in range(2):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step_update(step + 1)
+        ema.update(model)
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": ema.state_dict(), "rng": rng_state(), "progress": {"step": 2, "epoch": 0, "batch": 2},
+            "best": {"top1": -1.0, "loss": float("nan"), "source": "model"}, "history": [], "scaler": {},
+            "config": json.loads(cfg.to_json())}
+
+
+def test_checkpoint_is_safetensors_and_json_and_round_trips_exactly(tmp_path, converted):
+    from safetensors import safe_open
+
+    from qsdcompress.train import save_checkpoint
+
+    state = _trained_state(converted)
+    path = tmp_path / "run" / "checkpoint.json"
+    save_checkpoint(path, state)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.a.safetensors", "checkpoint.json"]
+    doc = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert doc["state"]["progress"] == {"step": 2, "epoch": 0, "batch": 2}
+    assert doc["state"]["optimizer"]["param_groups"][0]["betas"] == {"$tuple": [0.9, 0.999]}
+    assert doc["state"]["rng"]["torch"] == {"$tensor": "rng/torch"}
+    with safe_open(str(path.parent / doc["tensors"]), framework="pt") as f:
+        assert f.get_tensor("rng/torch").dtype == torch.uint8
+        assert any(k.startswith("optimizer/state/") and k.endswith("/exp_avg") for k in f.keys())
+    assert _same(load_checkpoint(path), state)
+    # the next write goes to the other tensor file and removes the first: a kill during it leaves this one
+    state["progress"]["step"] = 3
+    save_checkpoint(path, state)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.b.safetensors", "checkpoint.json"]
+    assert load_checkpoint(path)["progress"]["step"] == 3
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, converted, monkeypatch):
+    import qsdcompress.train.checkpoint as ck
+
+    state = _trained_state(converted)
+    path = tmp_path / "checkpoint.json"
+    ck.save_checkpoint(path, state)
+    real = ck.atomic_path
+
+    def dies_on_the_json(p):
+        if Path(p).suffix == ".json":
+            raise KeyboardInterrupt  # killed after the tensors were written, before the JSON
+        return real(p)
+
+    monkeypatch.setattr(ck, "atomic_path", dies_on_the_json)
+    changed = {**state, "progress": {"step": 9, "epoch": 1, "batch": 0}}
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint(path, changed)
+    monkeypatch.setattr(ck, "atomic_path", real)
+    names = ["checkpoint.a.safetensors", "checkpoint.b.safetensors", "checkpoint.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # b: the new tensors, not yet named
+    assert _same(ck.load_checkpoint(path), state)
+    ck.save_checkpoint(path, changed)  # the next write cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == names[1:]
+    assert ck.load_checkpoint(path)["progress"]["step"] == 9
+
+
+def test_earlier_pickle_checkpoints_are_read_with_weights_only(tmp_path):
+    """A finetune checkpoint of an earlier version (``checkpoint.pt``) is still resumable, read
+    with ``torch.load(weights_only=True)``: a pickle that asks to run code is refused."""
+    import pickle
+
+    from qsdcompress.train import checkpoint_options, checkpoint_path
+
+    run = tmp_path / "finetune"
+    run.mkdir()
+    torch.save({"progress": {"step": 1}, "config": FinetuneConfig(lr=0.5).to_json()}, run / "checkpoint.pt")
+    assert checkpoint_path("auto", tmp_path) == run / "checkpoint.pt"
+    assert checkpoint_path(str(run), tmp_path) == run / "checkpoint.json"
+    assert load_checkpoint(run / "checkpoint.pt")["progress"] == {"step": 1}
+    assert checkpoint_options(run / "checkpoint.pt")["lr"] == 0.5
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (run / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(QsdError, match="cannot resume"):
+        load_checkpoint(run / "evil.pt")
 
 
 def test_config_yaml_json_round_trip_and_shipped_recipes():
@@ -245,7 +362,7 @@ def test_cli_recipe_command_line_wins_and_json(tmp_path, converted):
     from qsdcompress.neurons import information_entropy
 
     trained = q.load(wd / "converted.qsd")
-    trained.load_state_dict(torch.load(wd / "finetune" / "checkpoint.pt", weights_only=True)["model"])
+    trained.load_state_dict(load_checkpoint(wd / "finetune" / "checkpoint.json")["model"])
     x = next(iter(build_loader("digits", "val", DataConfig.from_model(trained), batch_size=256)))[0]
     seen = {}
     n = trained.block3[0].attn.q_lif
@@ -292,11 +409,11 @@ def test_epochs_are_chosen_on_validation_and_never_worse_than_the_input(tmp_path
     with torch.no_grad():
         assert torch.equal(q.load(wd / "finetuned.qsd")(x), q.load(wd / "converted.qsd")(x))
     # the input's validation top-1 is what `eval --split val` gives on the same batches
-    from qsdcompress.pipeline import evaluate_model
+    from qsdcompress.pipeline import run_eval
 
-    ref = evaluate_model(wd / "converted.qsd", split="val", batch_size=64, max_batches=1)
+    ref = run_eval(wd / "converted.qsd", split="val", batch_size=64, max_batches=1)
     assert r["val_top1"] == ref["top1"]
-    test = evaluate_model(wd / "converted.qsd", split="test", batch_size=64, max_batches=1)
+    test = run_eval(wd / "converted.qsd", split="test", batch_size=64, max_batches=1)
     assert r["top1"] == test["top1"]
 
 
@@ -306,7 +423,7 @@ def test_resume_given_a_model_file_means_that_model_and_its_run(tmp_path, conver
     wd = _workdir(tmp_path, "resmodel", converted)
     res = CliRunner().invoke(main, ["finetune", "--workdir", str(wd), "--resume", str(wd / "converted.qsd")])
     assert res.exit_code == 2 and "no checkpoint to resume from" in res.output
-    assert str(wd / "finetune" / "checkpoint.pt") in res.output
+    assert str(wd / "finetune" / "checkpoint.json") in res.output
     with pytest.raises(QsdError, match="model file, not a finetune checkpoint"):
         FinetuneConfig(workdir=str(wd), resume=str(wd / "converted.qsd")).validate()
 
@@ -369,3 +486,13 @@ def test_ie_lif_warmup_without_ie_lif_is_a_clear_error(tmp_path):
         run_finetune(FinetuneConfig(workdir=str(tmp_path), steps=1, ie_lif_warmup=3, **SMALL), model)
     with pytest.raises(QsdError, match="ie-lif-warmup"):
         FinetuneConfig(ie_lif_warmup=-1).validate()
+
+
+def test_an_epoch_beats_the_best_by_top1_then_by_lower_loss():
+    from qsdcompress.train.loop import beats
+
+    best = {"top1": 1.0, "loss": 0.05}
+    assert beats({"top1": 1.0, "loss": 0.04}, best)       # a tie on top-1: the lower loss wins
+    assert not beats({"top1": 1.0, "loss": 0.05}, best)   # an exact tie keeps what was kept
+    assert not beats({"top1": 0.99, "loss": 0.001}, best)  # top-1 first
+    assert beats({"top1": 0.5, "loss": 9.0}, {"top1": 0.4, "loss": 0.1})

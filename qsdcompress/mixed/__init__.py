@@ -17,27 +17,33 @@ from typing import Iterable
 
 import torch.nn as nn
 
+from ..data import data_for
 from ..io import atomic_write_text
-from ..loading import resolve_model
+from ..loading import pick_device, resolve_source
 from .allocate import Problem, monotone, search_drop, smallest, solve
-from .evaluate import PrefixCache, Quantizer, Reference, validation_batches
+from .damage import PrefixCache, Quantizer, Reference, validation_batches
 from .groups import LayerGroup, layer_groups
 from .plan import MB, Budget, Planner, convert_to_budget, energy_mj, read_table
-from .sensitivity import DEFAULT_BITS, SensitivityTable, measure_sensitivity, parse_bit_set, plot_sensitivity
+from .sensitivity_table import DEFAULT_BITS, SensitivityTable, measure_sensitivity, parse_bit_set, plot_sensitivity
 
 
-def sensitivity(model: nn.Module | str | os.PathLike | None = None, data: str = "digits",
+def sensitivity(model: nn.Module | str | os.PathLike | None = None, data: str | None = None,
                 bits: Iterable[int] | str = DEFAULT_BITS, samples: int = 128, batch_size: int = 64,
                 scale_init: str = "mse", arch: str | None = None, output: str | os.PathLike | None = None,
-                plot: str | os.PathLike | None = None) -> dict:
+                plot: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
+                device: str = "auto") -> dict:
     """Per-group damage (KL to the float logits on ``samples`` validation images of ``data``) when
     only that group is quantized to each width in ``bits``; ``model`` is a float model, a path or
-    None (the bundled model of ``data``). ``output`` writes the table as JSON (``convert
+    None (the one rule of :func:`~qsdcompress.loading.locate_model`: a float model of the work
+    directory, else the bundled model of ``data``); ``data`` defaults to the model's own. ``output`` writes the table as JSON (``convert
     --sensitivity`` reads it), ``plot`` a heat map PNG."""
-    m = resolve_model(model, arch, data)
+    m, name = resolve_source(model, workdir, data, "float", arch)
+    data = data_for(m, data, name)
+    dev = pick_device(device)
+    m.to(dev)
     batches = validation_batches(m, data, samples, batch_size)
     table, _, _ = measure_sensitivity(m, batches, bits, scale_init, data=data)
-    result = {"model": str(model) if isinstance(model, (str, os.PathLike)) else getattr(m, "arch", "model"),
+    result = {"model": name,
               "arch": getattr(m, "arch", None), **table.to_dict()}
     if output is not None:
         atomic_write_text(output, json.dumps(result, indent=1))

@@ -20,13 +20,13 @@ import torch.nn as nn
 from ..data import model_data
 from ..errors import QsdError
 from ..quant import FLOAT_BITS, QuantConfig, convert, layer_bits, plan_bits
-from ..report.accounting import collect, layer_rows, totals
-from ..report.energy import EnergyTable
+from ..reporting.accounting import collect, layer_rows, totals
+from ..reporting.energy import EnergyTable
 from ..sizing import model_size
 from .allocate import Problem, monotone, search_drop, smallest, solve
-from .evaluate import Quantizer, Reference, validation_batches
+from .damage import Quantizer, Reference, validation_batches
 from .groups import LayerGroup
-from .sensitivity import DEFAULT_BITS, SensitivityTable, measure_sensitivity, parse_bit_set
+from .sensitivity_table import DEFAULT_BITS, SensitivityTable, measure_sensitivity, parse_bit_set
 
 MB = 1e6  # bytes, as every size the commands print
 

@@ -11,7 +11,9 @@ evaluates, :func:`finish` keeps the best model and writes it.
 
 The protocol is honest: epochs are compared on the validation split (a held-out part of the
 training data) only; the input model is measured there first, and if no epoch beats it the
-output is the input (``kept: "input"``). The test split is measured once, on the kept model.
+output is the input (``kept: "input"``). An epoch beats the best so far with a higher val top-1,
+or the same top-1 and a lower val loss (on a small validation split many epochs tie on top-1,
+and the loss still tells them apart). The test split is measured once, on the kept model.
 """
 from __future__ import annotations
 
@@ -35,16 +37,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..config import FinetuneConfig
-from ..data import DataConfig, build_dataset, build_loader
+from ..data import DataConfig, build_dataset, build_loader, data_for, same_data
 from ..distill import QKVCapture, Teacher, fgd_loss, kd_loss, layer_map, load_teacher
 from ..errors import QsdError
-from ..io import atomic_write_text, ensure_writable_dir, machine_description, package_versions
-from ..loading import load, save
+from ..io import atomic_write_text, ensure_writable_dir
+from ..provenance import machine_description, package_versions
+from ..loading import load, locate_model, save
 from ..metrics import evaluate
 from ..neurons import IELIF, iter_neurons
 from ..quant import attach_lsq_grad_scale
-from ..report.accounting import SpikeRecorder, qkv_neurons, spike_statistics
+from ..reporting.accounting import SpikeRecorder, qkv_neurons, spike_statistics
 from ..ui import console, progress_bar
+from ..zoo import lookup
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_options, checkpoint_path, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .distributed import DistInfo, init_distributed, sync_running_stats, unwrap
@@ -129,12 +133,8 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_input(cfg: FinetuneConfig) -> Path:
-    path = Path(cfg.model) if cfg.model else Path(cfg.workdir) / "converted.qsd"
-    if not path.exists():
-        if cfg.model:
-            raise QsdError(f"model not found: {path}")
-        raise QsdError(f"{path} not found: run `qsdcompress convert` first (or pass MODEL)")
-    return path
+    """The converted model to finetune (the one rule of :func:`locate_model`)."""
+    return locate_model(cfg.model, cfg.workdir, cfg.data, "converted")
 
 
 def _amp_setup(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.dtype | None, Any]:
@@ -161,6 +161,10 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int, limi
 def _teacher(cfg: FinetuneConfig, student: nn.Module, di: DistInfo) -> Teacher | None:
     if cfg.lambda_kd <= 0 and cfg.lambda_fgd <= 0:
         return None
+    bundled = lookup(cfg.teacher)
+    if bundled is not None and cfg.data and not same_data(bundled.data, cfg.data):
+        raise QsdError(f"teacher {cfg.teacher} was trained on {bundled.data}, the data is {cfg.data}: "
+                       f"use a teacher of {cfg.data} (`qsdcompress list`) or --teacher ann")
     teacher = load_teacher(cfg.teacher, student, cfg.teacher_checkpoint, capture=cfg.lambda_fgd > 0,
                            img_size=cfg.teacher_img_size)
     teacher.to(di.device)
@@ -203,6 +207,7 @@ def setup(cfg: FinetuneConfig, model: nn.Module | None, di: DistInfo) -> Run:
     if model is None:
         src = resolve_input(cfg)
         source, model = str(src), load(src)
+    cfg.data = data_for(model, cfg.data, source)
     student = model.to(di.device)
     if cfg.ie_lif_warmup and not ie_lif_neurons(student):
         raise QsdError(f"--ie-lif-warmup {cfg.ie_lif_warmup}: the model has no IE-LIF neurons "
@@ -238,7 +243,7 @@ def setup(cfg: FinetuneConfig, model: nn.Module | None, di: DistInfo) -> Run:
     else:  # the bar every epoch must clear: the input model on validation
         r = evaluate(student, run.val_loader, di.device, description="eval input", max_batches=cfg.eval_max_batches)
         run.best = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "epoch": 0, "source": "input",
-                    "input_top1": r["top1"]}
+                    "input_top1": r["top1"], "input_loss": r["loss"]}
         run.best_state = snapshot(student)
     run.scheduler.step_update(run.step)
     return run
@@ -285,7 +290,7 @@ def save_run(run: Run, epoch: int, batch: int, on_checkpoint: Callable | None = 
             "ema": run.ema.state_dict() if run.ema is not None else {}, "rng": rng_state(),
             "progress": {"step": run.step, "epoch": epoch, "batch": batch}, "acc": dict(run.sums),
             "history": run.history, "best": run.best, "best_state": run.best_state or {},
-            "config": run.cfg.to_json()})
+            "config": json.loads(run.cfg.to_json())})
     if run.dist.world > 1:
         dist.barrier()
     if on_checkpoint is not None:
@@ -428,6 +433,11 @@ def validate(run: Run, epoch: int) -> dict:
     return out
 
 
+def beats(ev: dict, best: dict) -> bool:
+    """A higher val top-1, or the same and a lower val loss."""
+    return (ev["top1"], -ev["loss"]) > (best["top1"], -best["loss"])
+
+
 def end_epoch(run: Run, epoch: int, ev: dict) -> None:
     """Record the epoch's metrics, keep the best model, write the CSV."""
     n = max(run.sums["n"], 1)
@@ -441,9 +451,10 @@ def end_epoch(run: Run, epoch: int, ev: dict) -> None:
         row["ie_lif_blend"] = ev["ie_lif_blend"]
     row.update(ev["spikes"])
     run.history.append(row)
-    if ev["top1"] > run.best["top1"] and ev.get("ie_lif_blend", 1.0) >= 1.0:
+    if beats(ev, run.best) and ev.get("ie_lif_blend", 1.0) >= 1.0:
         run.best = {"top1": ev["top1"], "top5": ev["top5"], "loss": ev["loss"], "epoch": epoch + 1,
-                    "source": ev["source"], "input_top1": run.best.get("input_top1")}
+                    "source": ev["source"], "input_top1": run.best.get("input_top1"),
+                    "input_loss": run.best.get("input_loss")}
         src = run.ema.module if ev["source"] == "ema" and run.ema is not None else run.student
         run.best_state = snapshot(src)
     run.sums = _zero_sums()
@@ -470,7 +481,7 @@ def finish(run: Run, seconds: float) -> dict:
     result = {
         "output": str(run.output), "top1": test["top1"], "top5": test["top5"], "loss": test["loss"],
         "val_top1": best["top1"], "val_top5": best["top5"], "val_loss": best["loss"],
-        "input_val_top1": best.get("input_top1"),
+        "input_val_top1": best.get("input_top1"), "input_val_loss": best.get("input_loss"),
         "best_epoch": best["epoch"], "kept": best["source"], "epochs": len(history), "steps": run.step,
         "losses": {k: history[-1][k] for k in LOSS_PARTS} if history else {},
         "history": history, "teacher": run.teacher.name if run.teacher else None, "input": run.source,

@@ -35,7 +35,7 @@ from ..errors import QsdError
 from ..neurons import Neuron, set_spike_mode
 from .folding import is_weight_layer, quantized_weight
 from .graph import INPUT_NAME, OUTPUT_NAME
-from .runtime import ort_session
+from .runtime import Runtime, parity_runtime
 
 FRAGILE_REL = 1e-5   # float32 rounding moves a membrane input by far less (docs/method.md §7)
 RTOL = 1e-4          # logits from the same spikes: |diff| <= RTOL * max(1, max |logit|)
@@ -114,19 +114,26 @@ LAYOUTS = ("cf", "cl")
 
 def spike_tensors(proto: Any) -> list[tuple[str, int]]:
     """Tensors of the graph that may hold a neuron's counts, in graph order: uint8 casts and
-    ``Min`` outputs (the integer format), ``Floor`` outputs (float neurons), float ``Concat``
-    outputs (the time steps of a LIF neuron)."""
+    ``Min`` outputs (the integer format), uint8 ``QuantizeLinear`` outputs (``std-int``), ``Floor``
+    outputs (float neurons; not one a ``QuantizeLinear`` alone reads: that one is the count),
+    float ``Concat`` outputs (the time steps of a LIF neuron)."""
     import onnx
 
     types = {v.name: v.type.tensor_type.elem_type
              for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    readers: dict[str, list[str]] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
     out = []
     for n in proto.graph.node:
         to = next((a.i for a in n.attribute if a.name == "to"), None)
         if n.op_type == "Cast" and to == _UINT8:
             out.append((n.output[0], _UINT8))
-        elif n.op_type == "Min" and types.get(n.output[0]) == _UINT8:
+        elif n.op_type in ("Min", "QuantizeLinear") and types.get(n.output[0]) == _UINT8:
             out.append((n.output[0], _UINT8))
+        elif n.op_type == "Floor" and readers.get(n.output[0]) == ["QuantizeLinear"]:
+            continue
         elif n.op_type == "Floor" or (n.op_type == "Concat" and types.get(n.output[0]) == _FLOAT):
             out.append((n.output[0], _FLOAT))  # Concat: a multi-step (LIF) neuron stacks its steps
     return out
@@ -157,8 +164,9 @@ def _with_outputs(proto: Any, names: list[tuple[str, int]]) -> Any:
     return p
 
 
-def _cut(proto: Any, sites: list[_Site]) -> Any:
-    """The graph with every site's readers fed from a new input ``<tensor>__fed``."""
+def _cut(proto: Any, sites: list[_Site], ranks: dict[str, int]) -> Any:
+    """The graph with every site's readers fed from a new input ``<tensor>__fed`` of the tensor's
+    rank (OpenVINO converts each op when it reads the file, and a conv needs its input's rank)."""
     import onnx
 
     p = _with_outputs(proto, [(s.tensor, s.elem_type) for s in sites])
@@ -168,7 +176,8 @@ def _cut(proto: Any, sites: list[_Site]) -> Any:
             if name in fed:
                 node.input[i] = name + "__fed"
     for s in sites:
-        p.graph.input.append(onnx.helper.make_tensor_value_info(s.tensor + "__fed", s.elem_type, None))
+        p.graph.input.append(onnx.helper.make_tensor_value_info(s.tensor + "__fed", s.elem_type,
+                                                                [None] * ranks[s.tensor]))
     return p
 
 
@@ -215,6 +224,7 @@ class ParityReport:
     sites: list[_Site] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     cut_session: Any = None   # the file cut at the located neurons (made on the first chunk)
+    runtime: Runtime = field(default_factory=Runtime)
 
 
 def _feed(site: _Site, rec: _Record, shape: tuple[int, ...]) -> np.ndarray:
@@ -233,7 +243,7 @@ def _check_chunk(rep: ParityReport, sess: Any, proto: Any, model: nn.Module, x: 
     values = dict(zip(names, outs[1:]))
     if rep.cut_session is None:  # the first chunk locates the neurons
         rep.sites, rep.unmatched = _match(records, values, candidates)
-        rep.cut_session = ort_session(_cut(proto, rep.sites).SerializeToString())
+        rep.cut_session = rep.runtime.session(_cut(proto, rep.sites, {k: v.ndim for k, v in values.items()}))
     by_name = {r.name: r for r in records}
     feeds = {INPUT_NAME: x.float().numpy()}
     for s in rep.sites:
@@ -252,17 +262,18 @@ def _check_chunk(rep: ParityReport, sess: Any, proto: Any, model: nn.Module, x: 
 
 
 def measure_parity(proto: Any, model: nn.Module, x: torch.Tensor, float64_samples: int = 0,
-                   chunk: int = CHUNK) -> dict:
-    """Run the contract on images ``x``; the result dict (``parity_ok`` and the figures). With
-    ``float64_samples``, the first that many images also compare the file and PyTorch float32
-    with PyTorch float64."""
+                   chunk: int = CHUNK, runtime: Runtime | None = None) -> dict:
+    """Run the contract on images ``x`` under ``runtime`` (onnxruntime by default); the result dict
+    (``parity_ok`` and the figures). With ``float64_samples``, the first that many images also
+    compare the file and PyTorch float32 with PyTorch float64."""
     model.eval()
     candidates = spike_tensors(proto)
-    sess = ort_session(_with_outputs(proto, candidates).SerializeToString())
-    rep = ParityReport(n=int(x.shape[0]))
+    rt = runtime or Runtime()
+    sess = rt.session(_with_outputs(proto, candidates))
+    rep = ParityReport(n=int(x.shape[0]), runtime=rt)
     for i in range(0, x.shape[0], chunk):
         _check_chunk(rep, sess, proto, model, x[i:i + chunk], candidates)
-    res = _summary(rep)
+    res = {**_summary(rep), "parity_runtime": rt.name, "parity_precision": sess.precision}
     if float64_samples > 0:
         res["float64"] = _against_float64(model, x[:float64_samples], np.concatenate(rep.logits["x"]),
                                           np.concatenate(rep.logits["pt"]))
@@ -320,16 +331,19 @@ def parity_error(res: dict) -> QsdError:
     else:
         why = (f"the logits computed from PyTorch's last spikes differ by "
                f"{res['logits_from_same_spikes_max_diff']:.3g} (tolerance {res['tolerance']:.3g})")
-    return QsdError(f"ONNX parity failed on {res['parity_samples']} images: {why}; the file was not written "
+    where = f" under {res['parity_runtime']} ({res['parity_precision']})" if res.get("parity_runtime") else ""
+    return QsdError(f"ONNX parity failed{where} on {res['parity_samples']} images: {why}; the file was not written "
                     f"(--unchecked writes it anyway, marked so)")
 
 
 def check_parity(proto_or_path: Any, model: nn.Module, x: torch.Tensor, raise_error: bool = True,
-                 float64_samples: int = 0) -> dict:
+                 float64_samples: int = 0, runtime: Runtime | str = "onnxruntime") -> dict:
     """The parity contract (:mod:`.parity`, docs/method.md §7) of an ONNX model or file against
-    ``model`` on images ``x``: every layer fed PyTorch's spikes reproduces them except where float
-    rounding can reach, and the logits from PyTorch's last spikes match. Raises a one-line
-    :class:`QsdError` naming the first layer that diverges unless ``raise_error`` is False."""
+    ``model`` on images ``x``, run by ``runtime`` (a name: at the precision the contract holds in,
+    OpenVINO at f32; or a :class:`Runtime`): every layer fed PyTorch's spikes reproduces them
+    except where float rounding can reach, and the logits from PyTorch's last spikes match.
+    Raises a one-line :class:`QsdError` naming the first layer that diverges unless
+    ``raise_error`` is False."""
     import onnx
 
     from .parity import measure_parity, parity_error
@@ -340,7 +354,8 @@ def check_parity(proto_or_path: Any, model: nn.Module, x: torch.Tensor, raise_er
         if not p.exists():
             raise QsdError(f"file not found: {p}")
         proto = onnx.load(str(p))
-    res = measure_parity(proto, model, x, float64_samples=float64_samples)
+    rt = runtime if isinstance(runtime, Runtime) else parity_runtime(runtime)
+    res = measure_parity(proto, model, x, float64_samples=float64_samples, runtime=rt)
     if raise_error and not res["parity_ok"]:
         raise parity_error(res)
     return res

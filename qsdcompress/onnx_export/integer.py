@@ -30,9 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..neurons import AffineMultiSpike, Neuron
-from .folding import ExportNeuron, QWeight, export_module
-from .graph import (Peephole, _compact, _dedupe, _drop_dead, constant_values, node_attr, packed_tensor,
+from .folding import CountingNeuron, QWeight, counting_module
+from .graph import (Peephole, compact_names, dedupe, drop_dead, constant_values, node_attr, packed_tensor,
                     scalar_value, static_shapes, storage_bits)
 from .requant import ConvSite, fuse_neurons
 
@@ -64,35 +63,16 @@ class _SpikeCount(torch.autograd.Function):
         return g.op("Cast", u8, to_i=1)       # TensorProto.FLOAT
 
 
-class IntExportNeuron(Neuron):
-    """A spiking neuron as ``S * out_scale`` with ``S`` visible to the exporter as uint8;
-    ``scale``/``shift`` hold a per-channel input affine (an unfolded IE-LIF), channel dim 2."""
-
-    def __init__(self, levels: int, out_scale: float, scale: torch.Tensor | None = None,
-                 shift: torch.Tensor | None = None):
-        super().__init__(levels, out_scale)
-        self.affine = scale is not None
-        if self.affine:
-            self.register_buffer("scale", scale.detach().clone())
-            self.register_buffer("shift", shift.detach().clone())
+class IntExportNeuron(CountingNeuron):
+    """A spiking neuron as ``S * out_scale`` with ``S`` visible to the exporter as uint8."""
 
     def spike_count(self, x: torch.Tensor) -> torch.Tensor:
-        if self.affine:
-            view = (1, 1, -1) + (1,) * (x.dim() - 3)
-            x = x * self.scale.view(view) + self.shift.view(view)
-        return _SpikeCount.apply(x, self.levels)
+        return _SpikeCount.apply(self._input(x), self.levels)
 
 
 def integer_module(model: nn.Module) -> tuple[nn.Module, dict[str, QWeight]]:
-    """The folded plain-op module (as :func:`export_module`) with every integer neuron replaced
-    by :class:`IntExportNeuron`, so its spikes trace as uint8."""
-    m, registry = export_module(model)
-    for name, n in list(m.named_modules()):
-        if isinstance(n, ExportNeuron) and n.rounding:
-            m.set_submodule(name, IntExportNeuron(n.levels, n.out_scale))
-        elif type(n) is AffineMultiSpike:
-            m.set_submodule(name, IntExportNeuron(n.levels, n.out_scale, n.scale, n.shift))
-    return m.eval(), registry
+    """The folded plain-op module whose integer neurons trace as uint8 (:class:`IntExportNeuron`)."""
+    return counting_module(model, IntExportNeuron)
 
 
 class _Rewriter:
@@ -486,7 +466,7 @@ def rewrite_integer(proto, registry: dict[str, QWeight], int2: bool) -> dict:
     """Rewrite a cleaned, traced graph (see the module docstring) in place; returns what runs
     as integers (``integer_layers``, ``integer_products``, reasons for the float layers), the
     stored integer weights per type (``initializers``) and the registry of the layers left float
-    (``remaining``, for :func:`qsdcompress.export.graph.pack_graph`)."""
+    (``remaining``, for :func:`qsdcompress.onnx_export.graph.pack_graph`)."""
     rw = _Rewriter(proto, registry, int2)
     rw.run()
     quantized = [p for p, qw in registry.items() if qw.ints is not None]
@@ -670,16 +650,16 @@ def finish_integer_graph(proto, opset: int, sites: dict[str, ConvSite] | None = 
 
     foldable_dequant(proto)
     _share_small_initializers(proto)
-    _drop_dead(proto)
+    drop_dead(proto)
     alias: dict[str, str] = {}
-    _dedupe(proto, alias)
-    _drop_dead(proto)
+    dedupe(proto, alias)
+    drop_dead(proto)
     simplify_neurons(proto)
     fold_into_matmul(proto)
     fused = fuse_neurons(proto, sites or {}, alias)
     fold_into_conv(proto)
-    _drop_dead(proto)
-    _compact(proto)
+    drop_dead(proto)
+    compact_names(proto)
     del proto.opset_import[:]
     proto.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS_DOMAIN, 1)])
     proto.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])

@@ -1,73 +1,29 @@
-"""Distillation for quantization-aware finetuning (docs/method.md §5).
-
-* Teachers: the counterpart ANN of the student's topology (``ann``), any timm model by name or
-  short alias (``vit_base``, ``deit_small``, ``caformer_b36``, ...), a bundled ViT (``vit_digits``,
-  ``vit_fmnist``) or a ``.qsd`` file. A teacher is frozen, in eval mode, and gets the batch
-  re-sized and re-normalised to its own input configuration. It is never silently random: without
-  weights (and offline) it is an error. A timm checkpoint of another image size, class count or
-  depth is rebuilt as saved (:func:`checkpoint_model_args`) and runs at the size it was trained at.
-* Fine-grained distillation (FGD): token-similarity matrices of the student's q/k/v spikes (after
-  IE-LIF) against the teacher's attention projections, which do not depend on channel width.
-* Logit KD: ``tau^2 * KL(p_teacher^tau || p_student^tau)``.
-"""
+"""Teachers: the counterpart ANN, bundled ViTs, timm models by name, alias or checkpoint, and
+.qsd files; frozen, fed the batch at their own input configuration."""
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .data import DataConfig, resize_batch
-from .errors import QsdError, one_line
-from .io import hub_unavailable, load_state_dict_checked, read_checkpoint, strip_quant_extras
-from .loading import bundled_model, has_reference_lsq, hub_weights, load
-from .models import create_model, describe
+from ..data import DataConfig, resize_batch
+from ..errors import QsdError, one_line
+from ..io import hub_unavailable, load_state_dict_checked, strip_quant_extras
+from ..loading import has_reference_lsq, hub_weights, load
+from ..models import create_model
+from ..qsdfile import read_checkpoint
+from ..zoo import MODELS, ZooModel, lookup, of_file
+from .capture import QKVCapture
 
-# --- the bundled cross-architecture teacher -------------------------------------------------------
+# --- the bundled cross-architecture teachers ------------------------------------------------------
 
-@dataclass(frozen=True)
-class BundledViT:
-    """A small timm ``VisionTransformer`` trained on one data set (``examples/train_vit_teacher.py``):
-    a cross-architecture teacher whose token grid matches the bundled student of that data set."""
-
-    name: str
-    data: str
-    args: dict[str, Any]
-    input_size: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def path(self) -> Path:
-        return Path(__file__).resolve().parent / "zoo" / f"{self.name}.safetensors"
-
-    def build(self) -> nn.Module:
-        """An untrained model of this teacher's shape."""
-        from timm.models.vision_transformer import VisionTransformer
-
-        m = VisionTransformer(**self.args)
-        m.pretrained_cfg = {"input_size": self.input_size, "mean": self.mean, "std": self.std,
-                            "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": self.args["num_classes"]}
-        return m
-
-
-#: the bundled ViT teachers. digits: patch 4 on 32x32 gives ``qsd_tiny``'s 8x8 token grid (plus a
-#: class token); Fashion-MNIST: patch 4 on 28x28 grayscale gives ``qsd_tiny_fmnist``'s 7x7 grid.
-BUNDLED_VITS: dict[str, BundledViT] = {
-    "vit_digits": BundledViT(
-        "vit_digits", "digits", dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
-                                     num_classes=10, global_pool="token"),
-        (3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "vit_fmnist": BundledViT(
-        "vit_fmnist", "fashion-mnist", dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=4, num_heads=4,
-                                            mlp_ratio=2.0, num_classes=10, global_pool="token"),
-        (1, 28, 28), (0.286,), (0.353,)),
-}
+#: the bundled ViT teachers (their shapes live in the zoo's registry)
+BUNDLED_VITS: dict[str, ZooModel] = {n: m for n, m in MODELS.items() if m.kind == "vit"}
 
 
 def build_vit_digits() -> nn.Module:
@@ -84,161 +40,6 @@ TEACHER_ALIASES: dict[str, str] = {
     "caformer_s18": "caformer_s18", "caformer_s36": "caformer_s36", "caformer_m36": "caformer_m36",
     "caformer_b36": "caformer_b36",
 }
-
-
-# --- q/k/v capture ------------------------------------------------------------------------------
-
-def tokens_from_spikes(s: torch.Tensor) -> torch.Tensor:
-    """Neuron output ``(T, B, C, H, W)`` -> ``(B, N, C)``: mean over T, tokens in raster order."""
-    return s.float().mean(0).flatten(2).transpose(1, 2)
-
-
-def resize_tokens(x: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a ``(B, N, C)`` token grid ``src_grid`` (h, w) to ``dst_grid``."""
-    if tuple(src_grid) == tuple(dst_grid):
-        return x
-    b, n, c = x.shape
-    g = x.transpose(1, 2).reshape(b, c, *src_grid)
-    g = F.interpolate(g, size=tuple(dst_grid), mode="bilinear", align_corners=False)
-    return g.flatten(2).transpose(1, 2)
-
-
-def _grid_of(n: int) -> tuple[int, int]:
-    s = int(round(math.sqrt(n)))
-    if s * s != n:
-        raise QsdError(f"cannot tell the token grid of {n} tokens (not a square); FGD needs a 2-D grid")
-    return s, s
-
-
-class QKVCapture:
-    """Forward hooks collecting q/k/v as ``(B, N, C)`` per attention block, in forward order.
-
-    ``snn`` style: hooks on the q/k/v neurons of each attention block, as the model publishes
-    them (spike-driven models and their counterpart ANN; IE-LIF keeps the names). ``timm`` style: hooks on every
-    ``qkv`` linear layer; its output is split into q, k, v, prefix tokens are dropped.
-    """
-
-    def __init__(self, model: nn.Module, style: str, prefix_tokens: int = 0):
-        self.style = style
-        self.prefix_tokens = prefix_tokens
-        self.handles: list[Any] = []
-        self.store: dict[int, dict[str, torch.Tensor]] = {}
-        self.grids: dict[int, tuple[int, int]] = {}
-        self.enabled = True
-        if style == "snn":
-            sites = describe(model).attention
-            if not sites:
-                raise QsdError(f"{type(model).__name__} has no spike-driven attention blocks for FGD")
-            for i, site in enumerate(sites):
-                for z in ("q", "k", "v"):
-                    mod = model.get_submodule(getattr(site, z))
-                    self.handles.append(mod.register_forward_hook(self._snn_hook(i, z)))
-            self.num_layers = len(sites)
-        elif style == "timm":
-            layers = [m for n, m in model.named_modules()
-                      if n.split(".")[-1] == "qkv" and isinstance(m, nn.Linear)]
-            if not layers:
-                raise QsdError(f"teacher {type(model).__name__} has no attention 'qkv' projections; "
-                               f"use --lambda-fgd 0 (logit KD only) or a ViT/DeiT/CAFormer teacher")
-            for i, m in enumerate(layers):
-                self.handles.append(m.register_forward_hook(self._timm_hook(i)))
-            self.num_layers = len(layers)
-        else:
-            raise ValueError(f"unknown capture style {style!r}")
-
-    def _snn_hook(self, i: int, z: str) -> Callable:
-        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            if self.enabled:
-                self.store.setdefault(i, {})[z] = tokens_from_spikes(out)
-                self.grids[i] = (int(out.shape[-2]), int(out.shape[-1]))
-        return hook
-
-    def _timm_hook(self, i: int) -> Callable:
-        def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            if not self.enabled:
-                return
-            out = out.float()
-            if out.dim() == 4:  # MetaFormer attention runs on (B, H, W, 3C)
-                grid = (int(out.shape[1]), int(out.shape[2]))
-                out = out.flatten(1, 2)
-            else:
-                out = out[:, self.prefix_tokens:]
-                grid = _grid_of(out.shape[1])
-            q, k, v = out.chunk(3, dim=-1)
-            self.store[i] = {"q": q, "k": k, "v": v}
-            self.grids[i] = grid
-        return hook
-
-    def pop(self) -> list[dict[str, torch.Tensor]]:
-        """The captured layers of the last forward, in order; clears the store."""
-        out = [self.store[i] for i in sorted(self.store)]
-        self.store = {}
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-# --- losses -------------------------------------------------------------------------------------
-
-def similarity(x: torch.Tensor) -> torch.Tensor:
-    """``G(X) = row_l2_normalise(X X^T)`` for ``X`` of shape ``(B, N, C)`` -> ``(B, N, N)``."""
-    x = x.float()
-    return F.normalize(x @ x.transpose(1, 2), p=2, dim=-1)
-
-
-def layer_map(num_student: int, num_teacher: int, override: Sequence[int] | None = None) -> list[int]:
-    """Teacher layer for each student layer: ``m(l) = round((l + 1) L_A / L_S) - 1`` (round half up).
-
-    ``override`` (``--fgd-layers``) gives the teacher index of every student layer explicitly.
-    """
-    if override is not None and len(override) > 0:
-        override = [int(v) for v in override]
-        if len(override) != num_student:
-            raise QsdError(f"--fgd-layers has {len(override)} entries; the student has {num_student} "
-                           f"attention blocks")
-        bad = [v for v in override if not 0 <= v < num_teacher]
-        if bad:
-            raise QsdError(f"--fgd-layers {bad}: the teacher has attention layers 0..{num_teacher - 1}")
-        return override
-    out = []
-    for l in range(num_student):
-        m = math.floor((l + 1) * num_teacher / num_student + 0.5) - 1
-        out.append(min(max(m, 0), num_teacher - 1))
-    return out
-
-
-def fgd_loss(student: Sequence[dict[str, torch.Tensor]], teacher: Sequence[dict[str, torch.Tensor]],
-             mapping: Sequence[int], student_grid: tuple[int, int] | None = None,
-             teacher_grids: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
-    """``mean_{l, z in q,k,v} ||G(z_s^l) - G(z_A^m(l))||_F^2 / N`` (also averaged over the batch).
-
-    Teacher tokens on another grid are resized bilinearly to the student grid first.
-    """
-    terms = []
-    for l, feats in enumerate(student):
-        tf = teacher[mapping[l]]
-        for z in ("q", "k", "v"):
-            s, t = feats[z], tf[z].detach()
-            n = s.shape[1]
-            if t.shape[1] != n:
-                src = teacher_grids[mapping[l]] if teacher_grids is not None else _grid_of(t.shape[1])
-                dst = student_grid if student_grid is not None else _grid_of(n)
-                t = resize_tokens(t, src, dst)
-            d = similarity(s) - similarity(t)
-            terms.append(d.pow(2).sum(dim=(1, 2)).mean() / n)
-    if not terms:
-        raise QsdError("FGD found no student attention layers")
-    return torch.stack(terms).mean()
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """``tau^2 * KL(p_teacher^tau || p_student^tau)``, averaged over the batch."""
-    log_ps = F.log_softmax(student_logits.float() / tau, dim=-1)
-    log_pt = F.log_softmax(teacher_logits.float().detach() / tau, dim=-1)
-    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * tau * tau
 
 
 # --- teachers -----------------------------------------------------------------------------------
@@ -296,11 +97,30 @@ def _load_weights(model: nn.Module, path: str | os.PathLike, what: str) -> None:
     load_state_dict_checked(model, _plain_state_dict(path), source=f"{what} {path}")
 
 
+def bundled_entry(model: nn.Module) -> ZooModel | None:
+    """The bundled SNN a model was converted from: the file its metadata names as source, else
+    the one bundled SNN with its exact architecture and arguments."""
+    for meta in (getattr(model, "qsd_quant_meta", None), getattr(model, "qsd_meta", None)):
+        src = (meta or {}).get("source")
+        entry = of_file(src["path"]) if isinstance(src, dict) and src.get("path") else None
+        if entry is not None and entry.kind == "snn":
+            return entry
+    if not hasattr(model, "cfg"):
+        return None
+    args = {k: v for k, v in json.loads(json.dumps(model.cfg.to_dict())).items() if v not in (None, {})}
+    for entry in MODELS.values():
+        meta = entry.metadata() if entry.kind == "snn" else {}
+        theirs = {k: v for k, v in (meta.get("model_args") or {}).items() if v not in (None, {})}
+        if meta.get("arch") == getattr(model, "arch", None) and theirs == args:
+            return entry
+    return None
+
+
 def counterpart_ann(student: nn.Module, checkpoint: str | os.PathLike | None = None) -> nn.Module:
     """The ANN with the student's topology (neurons -> clamped ReLU) and trained weights.
 
-    Weights come from ``checkpoint``; for the bundled students without one (``qsd_tiny``,
-    ``qsd_tiny_fmnist``), their bundled ANN. Never returned untrained.
+    Weights come from ``checkpoint``; for a student converted from a bundled SNN without one,
+    that SNN's bundled counterpart ANN. Never returned untrained.
     """
     arch = getattr(student, "arch", None)
     if arch is None or not hasattr(student, "cfg"):
@@ -309,14 +129,15 @@ def counterpart_ann(student: nn.Module, checkpoint: str | os.PathLike | None = N
     if checkpoint is not None:
         ann = create_model(arch, **cfg)
         _load_weights(ann, checkpoint, "teacher checkpoint")
-    elif arch in ("qsd_tiny", "qsd_tiny_fmnist"):
-        ann = bundled_model(ann=True, data="fashion-mnist" if arch == "qsd_tiny_fmnist" else "digits")
-        if ann.num_classes != student.num_classes:
-            raise QsdError(f"the bundled ANN predicts {ann.num_classes} classes, the student "
-                           f"{student.num_classes}; pass --teacher-checkpoint")
-    else:
+        return ann
+    entry = bundled_entry(student)
+    if entry is None or entry.ann is None:
         raise QsdError(f"--teacher ann needs the counterpart ANN's weights for {arch}: pass "
                        f"--teacher-checkpoint PATH (or use a timm teacher, e.g. --teacher vit_base)")
+    ann = load(MODELS[entry.ann].require())
+    if ann.num_classes != student.num_classes:
+        raise QsdError(f"the bundled ANN {entry.ann} predicts {ann.num_classes} classes, the student "
+                       f"{student.num_classes}; pass --teacher-checkpoint")
     return ann
 
 
@@ -476,9 +297,9 @@ def _cached_pretrained(full: str, why: str, **kwargs: Any) -> nn.Module:
 def bundled_vit_teacher(name: str = "vit_digits", path: str | os.PathLike | None = None) -> nn.Module:
     """A bundled ViT teacher (:data:`BUNDLED_VITS`), from ``path`` if given."""
     vit = BUNDLED_VITS[name]
-    path = Path(path) if path is not None else vit.path
+    path = Path(path) if path is not None else vit.require()
     if not path.exists():
-        raise QsdError(f"bundled ViT teacher missing: {path} (run examples/train_vit_teacher.py --data {vit.data})")
+        raise QsdError(f"ViT teacher weights missing: {path} (train them with `{vit.trained_by}`)")
     model = vit.build()
     _load_weights(model, path, "ViT teacher")
     return model
@@ -496,7 +317,9 @@ def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | 
     if spec == "ann":
         model = counterpart_ann(student, checkpoint)
         return Teacher(model, "ann", "snn", DataConfig.from_model(model), capture)
-    if spec.lower().endswith(".qsd") or (Path(spec).suffix and Path(spec).exists()):
+    entry = lookup(spec)
+    if spec.lower().endswith(".qsd") or (Path(spec).suffix and Path(spec).exists()) or \
+            (entry is not None and entry.vit is None):
         model = load(spec)
         style = "snn" if hasattr(model, "structure") else "timm"
         return Teacher(model, str(spec), style, DataConfig.from_model(model), capture)
@@ -523,12 +346,3 @@ def timm_data_config(model: nn.Module, img_size: int | None = None) -> DataConfi
         size = (size[0], int(img_size), int(img_size))
     return DataConfig(input_size=size, mean=tuple(dc["mean"]), std=tuple(dc["std"]),
                       interpolation=dc.get("interpolation", "bicubic"), crop_pct=float(dc.get("crop_pct", 1.0)))
-
-
-__all__ = [
-    "Teacher", "QKVCapture", "load_teacher", "counterpart_ann", "timm_teacher",
-    "build_vit_digits", "bundled_vit_teacher", "BundledViT", "BUNDLED_VITS",
-    "resolve_teacher_name", "similarity", "layer_map",
-    "fgd_loss", "kd_loss", "tokens_from_spikes", "resize_tokens", "TEACHER_ALIASES",
-    "checkpoint_model_args", "timm_data_config",
-]

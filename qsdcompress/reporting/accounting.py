@@ -15,8 +15,9 @@ per layer, and turn them into SOPs and energy (docs/method.md §8).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -123,9 +124,10 @@ class _Stats:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> _Stats:
+def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None,
+            on_batch: Callable[[int], None] | None = None) -> _Stats:
     """Run ``model`` (integer spikes) over batches, recording spike-level histograms, MACs per
-    layer and top-1."""
+    layer and top-1; ``on_batch(done)`` after each batch lets a progress bar follow the work."""
     model.eval()
     set_spike_mode(model, "integer")
     st = _Stats(SpikeRecorder(model))
@@ -163,6 +165,8 @@ def collect(model: nn.Module, batches: Iterable, max_batches: int | None = None)
                     st.labelled = True
                     st.correct += int((logits.argmax(1) == y).sum())
                 st.seen += int(x.shape[0])
+                if on_batch is not None:
+                    on_batch(i + 1)
     finally:
         for h in hooks:
             h.remove()
@@ -243,5 +247,44 @@ def totals(model: nn.Module, rows: list[dict], st: _Stats, bits_override: int | 
     return t
 
 
+def stage_of(name: str, blocks: Iterable[str]) -> str:
+    """The stage a layer's energy is charged to: its attention block (``block3.1``) when it is in
+    one, else ``stage N conv`` for a top-level module numbered N (the conv stages and the
+    downsampling before each transformer stage), else the top-level module (``head``)."""
+    for b in blocks:
+        if name == b or name.startswith(b + "."):
+            return b
+    top = name.split(".", 1)[0]
+    n = re.search(r"\d+", top)
+    return f"stage {n.group()} conv" if n else top
 
-__all__ = ["collect", "layer_rows", "neuron_rows", "totals", "SIZE_KEYS", "SpikeRecorder", "spike_statistics", "qkv_neurons"]
+
+def attention_blocks(rows: list[dict]) -> list[str]:
+    """The blocks holding an attention module, from the report's product rows
+    (``block3.1.attn.kv`` -> ``block3.1``): the result alone says where the blocks are."""
+    out: list[str] = []
+    for r in rows:
+        if r["type"].startswith("SDSA"):
+            attn = r["name"].rsplit(".", 1)[0]
+            block = attn.rsplit(".", 1)[0] if "." in attn else attn
+            if block not in out:
+                out.append(block)
+    return out
+
+
+def energy_by_stage(rows: list[dict]) -> list[dict]:
+    """Energy, SOPs and layer count per stage (:func:`stage_of`), in model order; the energies sum
+    to the report's total, so a plot of them is the whole budget in a dozen bars."""
+    blocks = attention_blocks(rows)
+    stages: dict[str, dict] = {}
+    for r in rows:
+        s = stages.setdefault(stage_of(r["name"], blocks), {"layers": 0, "sops": 0.0, "energy_pj": 0.0})
+        s["layers"] += 1
+        s["sops"] += r["sops"]
+        s["energy_pj"] += r["energy_pj"]
+    total = sum(s["energy_pj"] for s in stages.values()) or 1.0
+    return [{"stage": k, **v, "share": v["energy_pj"] / total} for k, v in stages.items()]
+
+
+__all__ = ["collect", "layer_rows", "neuron_rows", "totals", "SIZE_KEYS", "SpikeRecorder", "spike_statistics",
+           "qkv_neurons", "stage_of", "attention_blocks", "energy_by_stage"]

@@ -1,7 +1,7 @@
 """``export``: a model to an ONNX file with packed low-bit weights, checked against onnxruntime.
 
 The file is written only when it passes the parity contract against PyTorch on real images
-(:mod:`qsdcompress.export.parity`); ``check=False`` writes an unchecked file, marked so.
+(:mod:`qsdcompress.onnx_export.parity`); ``check=False`` writes an unchecked file, marked so.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from ..data import DataConfig, model_data
 from ..errors import QsdError, one_line
-from ..io import META_KEY, atomic_path, ensure_writable_dir, package_versions
+from ..io import META_KEY, atomic_path, ensure_writable_dir
+from ..provenance import package_versions
 from ..loading import resolve_source
 from ..sizing import model_size
 from ..ui import console, quiet
@@ -24,10 +25,17 @@ from .folding import export_module
 from .graph import BASE_OPSET, INT2_OPSET, clean_graph, pack_graph, trace
 from .integer import finish_integer_graph, integer_module, rewrite_integer
 from .parity import check_parity
-from .runtime import parity_batch
+from .passes import Pass, PassContext, clean, pack_weights, run_passes
+from .runtime import RUNTIMES, Runtime, executed_layers, openvino_core, parity_batch, parity_runtime
+from .standard import PASSES as STD_PASSES
+from .standard import standard_module
 
-
-FORMATS = ("int", "qdq")
+FORMATS = ("int", "qdq", "std-int")
+# the formats built by passes, each pass list in order (``int``: ``integer.py``'s rewrite)
+FORMAT_PASSES: dict[str, tuple[Pass, ...]] = {"qdq": (pack_weights, clean), "std-int": STD_PASSES}
+MODULES = {"int": integer_module, "qdq": export_module, "std-int": standard_module}
+# formats each runtime can run: OpenVINO has no com.microsoft ops
+RUNS = {"onnxruntime": FORMATS, "openvino": ("qdq", "std-int")}
 
 
 @dataclass
@@ -40,7 +48,9 @@ class ExportConfig:
     data: str | None = None           # parity images: None = the model's own data, else digits
     check: bool = True                # False: write the file without the parity check (marked unchecked)
     float64_samples: int = 0          # also compare file and PyTorch float32 with float64 on this many
-    format: str = "int"               # int: spike-fed layers as integer kernels; qdq: DequantizeLinear + float ops
+    format: str = "int"               # int: spike-fed layers as integer kernels (onnxruntime); qdq: DequantizeLinear
+                                      # + float ops; std-int: QDQ integer layers, standard ops (any runtime)
+    runtime: str = "onnxruntime"      # the runtime the parity check runs under (RUNTIMES)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +74,13 @@ def _resolve_config(config: ExportConfig | None, overrides: dict[str, Any]) -> E
         raise QsdError("--float64-samples must be >= 0")
     if cfg.format not in FORMATS:
         raise QsdError(f"unknown export format {cfg.format!r}; choose one of {', '.join(FORMATS)}")
+    if cfg.runtime not in RUNTIMES:
+        raise QsdError(f"unknown runtime {cfg.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if cfg.format not in RUNS[cfg.runtime]:
+        raise QsdError(f"the {cfg.format} format uses onnxruntime's com.microsoft ops, which {cfg.runtime} cannot "
+                       f"run; choose --format {' or '.join(RUNS[cfg.runtime])}")
+    if cfg.runtime == "openvino":
+        openvino_core()     # not installed: one line now, before any work
     return cfg
 
 
@@ -76,13 +93,11 @@ def _output_path(output: str | os.PathLike | None, workdir: str | os.PathLike | 
 
 
 def _graph(module: nn.Module, registry: dict, sample, opset: int, use_int2: bool, fmt: str) -> tuple[Any, dict]:
-    """Trace ``module``; ``qdq``: packed weights + DequantizeLinear everywhere; ``int``: spike-fed
-    layers rewritten to integer kernels (see ``integer.py``), the rest as in ``qdq``."""
+    """Trace ``module``, then build the format: its passes (``FORMAT_PASSES``), or for ``int``
+    the spike-fed layers rewritten to integer kernels (see ``integer.py``), the rest as in ``qdq``."""
     proto = trace(module, sample, min(opset, BASE_OPSET))
-    if fmt == "qdq":
-        counts = pack_graph(proto, registry, use_int2)
-        clean_graph(proto, opset)
-        return proto, {"initializers": counts}
+    if fmt in FORMAT_PASSES:
+        return proto, run_passes(proto, PassContext(registry, use_int2, opset), FORMAT_PASSES[fmt])
     clean_graph(proto, opset)
     info = rewrite_integer(proto, registry, use_int2)
     counts = dict(info.pop("initializers"))
@@ -97,9 +112,11 @@ def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> 
     """The checked ONNX model of ``src_model`` and facts about it (opset, initializers, bits)."""
     import onnx
 
-    module, registry = integer_module(src_model) if cfg.format == "int" else export_module(src_model)
+    module, registry = MODULES[cfg.format](src_model)
     bits_used = {qw.bits for qw in registry.values() if qw.ints is not None}
-    use_int2 = cfg.int2 and any(b <= 2 for b in bits_used)
+    # OpenVINO's ONNX reader knows no INT2 (2026.4: "Unsupported data type INT2"): INT4 for it
+    int2 = cfg.int2 and cfg.runtime != "openvino"
+    use_int2 = int2 and any(b <= 2 for b in bits_used)
     opset = cfg.opset or (INT2_OPSET if use_int2 else BASE_OPSET)
     if use_int2 and opset < INT2_OPSET:
         raise QsdError(f"INT2 weights need opset >= {INT2_OPSET}; pass --no-int2 to store them as INT4")
@@ -107,7 +124,8 @@ def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> 
     widths = sorted({q.bits for q in registry.values()})
     own_data = model_data(src_model)
     facts = {"format": cfg.format, "opset": opset, **graph_facts, "T": int(getattr(src_model, "T", 1)),
-             "int2": "used" if use_int2 else ("not needed" if cfg.int2 else "off (b<=2 stored as INT4)"),
+             "int2": "used" if use_int2 else ("not needed" if int2 else "off (b<=2 stored as INT4)"
+                                              + (": OpenVINO reads no INT2" if cfg.int2 else "")),
              "layer_bits": {b: sum(1 for q in registry.values() if q.bits == b) for b in widths}}
     meta = {
         "format_version": 1, "arch": getattr(src_model, "arch", None), "source": source,
@@ -129,7 +147,8 @@ def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> 
 def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.PathLike | None = None,
            workdir: str | os.PathLike | None = None, config: ExportConfig | None = None, **overrides: Any) -> dict:
     """Export ``model`` (module, .qsd/checkpoint path, or None = newest .qsd of ``workdir``, else the
-    bundled model) to ONNX with packed low-bit weights; check it against PyTorch with onnxruntime.
+    bundled model) to ONNX with packed low-bit weights; check it against PyTorch under ``runtime``
+    (onnxruntime, or OpenVINO at f32: ``runtime.PARITY_PRECISION``).
 
     Returns a dict with ``output``, ``file_bytes``, ``weight_bits_bytes``, ``max_abs_diff``,
     ``top1_agreement`` and more. The file is written only when the parity check passes.
@@ -137,17 +156,13 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
     cfg = _resolve_config(config, overrides)
     t0 = time.perf_counter()
     output = _output_path(output, workdir)
-    src_model, source = resolve_source(model, workdir, cfg.data or "digits")
+    src_model, source = resolve_source(model, workdir, cfg.data)
     src_model.eval()
     data = cfg.data or model_data(src_model) or "digits"
     x = parity_batch(src_model, data, cfg.parity_samples)
     proto, facts = build_onnx(src_model, source, cfg, x[:2])
-    if cfg.check:
-        parity = {**check_parity(proto, src_model, x, float64_samples=min(cfg.float64_samples, len(x))),
-                  "parity_data": data, "parity": "checked"}
-    else:
-        parity = {"parity": "unchecked", "parity_ok": None}
-        _mark_unchecked(proto)
+    parity = _parity(proto, src_model, x, cfg, data)
+    facts["integer_layers_executed"] = executed_layers(proto, parity_runtime(cfg.runtime))
     with atomic_path(output) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     size = model_size(src_model)
@@ -161,12 +176,44 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
     }
     if not quiet():
         check = ("NOT parity-checked (--unchecked)" if not cfg.check else
-                 f"parity checked on {parity['parity_samples']} images of {data}: {parity['layers_checked']} layers "
+                 f"parity checked by {parity['parity_runtime']} ({parity['parity_precision']}) on "
+                 f"{parity['parity_samples']} images of {data}: {parity['layers_checked']} layers "
                  f"fed PyTorch's spikes, {parity['spike_flips']} flips at fragile spikes, top-1 agreement "
                  f"{parity['top1_agreement'] * 100:.1f}%")
         console.print(f"exported {output} ({cfg.format} format, {file_bytes:,} bytes; "
                       f"{res['file_vs_weight_bits']:.3f}x params*bits/8); {check}")
     return res
+
+
+def _parity(proto: Any, model: nn.Module, x, cfg: ExportConfig, data: str) -> dict:
+    """The parity contract under ``cfg.runtime`` (raises on failure), or the file marked unchecked;
+    under OpenVINO also what its default precision does end to end."""
+    if not cfg.check:
+        _mark_unchecked(proto)
+        return {"parity": "unchecked", "parity_ok": None}
+    rt = parity_runtime(cfg.runtime)
+    parity = {**check_parity(proto, model, x, float64_samples=min(cfg.float64_samples, len(x)), runtime=rt),
+              "parity_data": data, "parity": "checked"}
+    if rt.name == "openvino":
+        parity["openvino_default_precision"] = _default_precision(proto, model, x, parity["tolerance"])
+    return parity
+
+
+def _default_precision(proto: Any, model: nn.Module, x, tolerance: float) -> dict:
+    """What OpenVINO's default precision (bf16 on CPUs with AVX512-BF16 or AMX) does to the file's
+    logits on the parity images, end to end against PyTorch: reported, not judged (the contract
+    is checked at f32, where it holds)."""
+    import numpy as np
+    import torch
+
+    sess = Runtime("openvino").session(proto)
+    with torch.no_grad():
+        ref = model(x).float().numpy()
+    got = sess(x.float().numpy())
+    per_image = np.abs(got - ref).max(1)
+    return {"precision": sess.precision, "max_abs_diff": float(per_image.max()),
+            "images_differing": int((per_image > tolerance).sum()),
+            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean())}
 
 
 def _mark_unchecked(proto: Any) -> None:
@@ -178,4 +225,8 @@ def _mark_unchecked(proto: Any) -> None:
             prop.value = json.dumps(meta, separators=(",", ":"))
 
 
-__all__ = ["ExportConfig", "export", "build_onnx", "FORMATS"]
+# what exists, where users look for it: ``qsdcompress.export.FORMATS``, ``qsdcompress.export.RUNTIMES``
+export.FORMATS = FORMATS  # type: ignore[attr-defined]
+export.RUNTIMES = RUNTIMES  # type: ignore[attr-defined]
+
+__all__ = ["ExportConfig", "export", "build_onnx", "FORMATS", "FORMAT_PASSES", "RUNTIMES"]

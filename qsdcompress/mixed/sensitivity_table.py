@@ -22,7 +22,7 @@ from ..errors import QsdError
 from ..io import atomic_path
 from ..quant import parse_bits
 from ..ui import progress_bar
-from .evaluate import Batch, PrefixCache, Quantizer, Reference
+from .damage import Batch, PrefixCache, Quantizer, Reference
 from .groups import LayerGroup, layer_groups
 
 DEFAULT_BITS = (1, 2, 3, 4, 8)

@@ -26,12 +26,14 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def validation_batches(model: nn.Module, data: str, samples: int, batch_size: int = 64) -> list[Batch]:
-    """The first ``samples`` images (and labels) of the ``val`` split of ``data``, in a fixed order."""
+    """The first ``samples`` images (and labels) of the ``val`` split of ``data``, in a fixed order,
+    on the model's device."""
     if samples < 1:
         raise QsdError(f"--sensitivity-samples must be at least 1, got {samples}")
     loader = build_loader(data, "val", DataConfig.from_model(model), batch_size=min(batch_size, samples),
                           shuffle=False, num_classes=getattr(model, "num_classes", 10))
-    out: list[Batch] = [(x, y) for x, y in first_samples(loader, samples)]
+    dev = next(model.parameters()).device
+    out: list[Batch] = [(x.to(dev), y.to(dev)) for x, y in first_samples(loader, samples)]
     if not out:
         raise QsdError(f"the val split of {data!r} gave no images")
     return out

@@ -279,10 +279,10 @@ def _fold_shape_arithmetic(proto) -> None:
             g.initializer.append(numpy_helper.from_array(np.asarray(folder.consts[name]), name))
     del g.node[:]
     g.node.extend(kept)
-    _drop_dead(proto)
+    drop_dead(proto)
 
 
-def _drop_dead(proto) -> None:
+def drop_dead(proto) -> None:
     """Remove nodes and initializers nothing reads."""
     g = proto.graph
     need = {o.name for o in g.output}
@@ -366,7 +366,7 @@ class Peephole:
         return name if name in self.inits else self.add_init(arr, name, dtype)
 
 
-def _dedupe(proto, alias: dict[str, str] | None = None) -> int:
+def dedupe(proto, alias: dict[str, str] | None = None) -> int:
     """Common-subexpression elimination: the traced graph recomputes the same shape arithmetic
     (Shape -> Gather -> Unsqueeze -> Concat) and repeats identical Constants hundreds of times.
     Merging identical nodes (same op, inputs and attributes) keeps the graph a small fraction of
@@ -399,7 +399,7 @@ def _dedupe(proto, alias: dict[str, str] | None = None) -> int:
     return removed
 
 
-def _compact(proto) -> None:
+def compact_names(proto) -> None:
     """Short tensor names, no node names/doc strings/value_info: the graph text stays small
     beside the packed weights."""
     g = proto.graph
@@ -433,15 +433,15 @@ def clean_graph(proto, opset: int) -> None:
     and the IR version that opset needs (opset 25 with INT2 needs IR 11+, onnx's table says which)."""
     import onnx
 
-    _dedupe(proto)
+    dedupe(proto)
     for _ in range(8):  # each pass makes more shapes static for the next
         before = len(proto.graph.node)
         _fold_shape_arithmetic(proto)
-        _dedupe(proto)
+        dedupe(proto)
         if len(proto.graph.node) == before:
             break
     _strip_default_attributes(proto)
-    _compact(proto)
+    compact_names(proto)
     del proto.opset_import[:]
     proto.opset_import.extend([onnx.helper.make_opsetid("", opset)])
     proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))

@@ -222,4 +222,39 @@ def export_module(model: nn.Module) -> tuple[nn.Module, dict[str, QWeight]]:
 
 
 
-__all__ = ["QWeight", "quantized_weight", "is_weight_layer", "export_module", "ExportNeuron"]
+class CountingNeuron(Neuron):
+    """A spiking neuron whose spike count the exporter must see as an integer tensor (the base of
+    each integer format's neuron); ``scale``/``shift`` hold the per-channel input affine of an
+    unfolded IE-LIF (channel dim 2)."""
+
+    def __init__(self, levels: int, out_scale: float, scale: torch.Tensor | None = None,
+                 shift: torch.Tensor | None = None):
+        super().__init__(levels, out_scale)
+        self.affine = scale is not None
+        if self.affine:
+            self.register_buffer("scale", scale.detach().clone())
+            self.register_buffer("shift", shift.detach().clone())
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.affine:
+            return x
+        view = (1, 1, -1) + (1,) * (x.dim() - 3)
+        return x * self.scale.view(view) + self.shift.view(view)
+
+
+def counting_module(model: nn.Module, neuron: type[CountingNeuron]) -> tuple[nn.Module, dict[str, QWeight]]:
+    """The folded plain-op module (:func:`export_module`) with every integer neuron (and unfolded
+    IE-LIF) replaced by ``neuron``, so that its spike counts trace as integers."""
+    from ..neurons import AffineMultiSpike
+
+    m, registry = export_module(model)
+    for name, n in list(m.named_modules()):
+        if isinstance(n, ExportNeuron) and n.rounding:
+            m.set_submodule(name, neuron(n.levels, n.out_scale))
+        elif type(n) is AffineMultiSpike:
+            m.set_submodule(name, neuron(n.levels, n.out_scale, n.scale, n.shift))
+    return m.eval(), registry
+
+
+__all__ = ["QWeight", "quantized_weight", "is_weight_layer", "export_module", "ExportNeuron", "CountingNeuron",
+           "counting_module"]
