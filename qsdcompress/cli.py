@@ -197,7 +197,7 @@ def _show_eval(r: dict) -> None:
               help="Weights file (.pth/.pt/.safetensors/.qsd); same as giving MODEL.")
 @data_option()
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @device_option
 @click.option("--spike-mode", type=click.Choice(["integer", "binary"]), default=None,
               help="binary: run every integer neuron as D binary spikes over D virtual steps.")
@@ -325,7 +325,7 @@ def _show_plan(plan: dict) -> None:
 @click.option("--calib-batches", type=click.IntRange(0), default=None, hidden=True,
               help="Older form of --calib-samples: this many batches of --calib-batch-size.")
 @click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output .qsd (default: WORKDIR/converted.qsd).")
 @click.option("--no-eval", is_flag=True, help="Skip the top-1 before/after evaluation.")
 @click.option("--keep-float", is_flag=True,
@@ -506,6 +506,8 @@ def _field_option(fld: Any, hint: Any) -> Callable:
         decls = [f"{flag}/--no-{flag[2:]}"]
     elif meta.get("choices"):
         kw["type"] = click.Choice(meta["choices"])
+    elif meta.get("path"):
+        kw["type"] = click.Path(dir_okay=meta["path"] == "dir", file_okay=meta["path"] == "file", path_type=Path)
     elif base in (int, float):
         rng = click.IntRange if base is int else click.FloatRange
         kw["type"] = rng(min=meta["min"]) if meta.get("min") is not None else base
@@ -703,10 +705,10 @@ def export_cmd(model: str | None, output: Path | None, data: str | None, parity_
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--batches", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+@click.option("--output-format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
               show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report in --format to this file.")
+              help="Write the report in --output-format to this file.")
 @click.option("--energy-table", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON or YAML with e_mac_pj, e_ac32_pj, attention_bits, source (defaults: docs/method.md §8).")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -727,7 +729,7 @@ def report_cmd(model: str | None, data: str | None, split: str, batches: int, ba
     \b
     Examples:
       qsdcompress report
-      qsdcompress report --format markdown -o report.md --plot plots/
+      qsdcompress report --output-format markdown -o report.md --plot plots/
       qsdcompress report --energy-table my_energy.yaml --json
     """
     from .io import atomic_write_text

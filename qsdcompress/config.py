@@ -18,11 +18,11 @@ DEFAULT_WORKDIR = "qsdcompress-out"
 
 
 def option(default: Any, help: str = "", *, min: float | None = None, choices: Sequence[str] | None = None,
-           metavar: str | None = None, short: str | None = None, cli: bool = True) -> Any:
+           metavar: str | None = None, short: str | None = None, path: str | None = None, cli: bool = True) -> Any:
     """A config field with what its command-line option needs: help, bounds, choices (the CLI's
     options are generated from these, so each option is declared once)."""
     meta = {"help": help, "min": min, "choices": tuple(choices) if choices else None, "metavar": metavar,
-            "short": short, "cli": cli}
+            "short": short, "path": path, "cli": cli}  # path: "file" or "dir" (a click.Path option)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -35,10 +35,11 @@ class FinetuneConfig:
     # inputs and outputs
     model: str | None = option(None, "Input: a converted .qsd or a bundled name.", cli=False)
     workdir: str = option(DEFAULT_WORKDIR, cli=False)
-    output: str | None = option(None, "Output .qsd (default: WORKDIR/finetuned.qsd).", short="-o")
+    output: str | None = option(None, "Output .qsd (default: WORKDIR/finetuned.qsd).", short="-o", path="file")
     keep_float: bool = option(False, "Also store the float latent weights in the output (for further "
                                      "finetuning); the run's own checkpoints always keep them.")
-    run_dir: str | None = option(None, "Checkpoints, metrics.csv and config (default: WORKDIR/finetune).")
+    run_dir: str | None = option(None, "Checkpoints, metrics.csv and config (default: WORKDIR/finetune).",
+                                 path="dir")
     data: str | None = option(None, cli=False)
     # teacher and loss: L = CE + lambda_kd tau^2 KL + lambda_fgd FGD
     teacher: str = option("ann", "ann (the bundled counterpart ANN of the student's bundled model), a bundled "
@@ -46,7 +47,7 @@ class FinetuneConfig:
                                  "(vit_base, deit_small, caformer_b36, ...) or a .qsd file.")
     teacher_checkpoint: str | None = option(None, "Teacher weights (timm/HF .pth/.bin/.safetensors or .qsd); "
                                                   "needed offline. Any image size, class count and depth: read "
-                                                  "from the weights.")
+                                                  "from the weights.", path="file")
     teacher_img_size: int | None = option(None, "Input size of a timm teacher (default: the size its checkpoint "
                                                 "was trained at; position embeddings are resampled to another).",
                                           min=1)

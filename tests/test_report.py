@@ -167,7 +167,7 @@ def test_cli_report_json_with_source_float_and_onnx(tmp_path):
     assert isinstance(d["layers"], list) and d["energy_table"]["e_mac_pj"] == 4.6
     out = tmp_path / "r.md"
     res = CliRunner().invoke(main, ["report", "--workdir", str(tmp_path), "--batches", "1", "--batch-size", "8",
-                                    "--format", "markdown", "-o", str(out), "--no-float"])
+                                    "--output-format", "markdown", "-o", str(out), "--no-float"])
     assert res.exit_code == 0 and out.read_text().startswith("# qsdcompress report")
 
 

@@ -1,0 +1,57 @@
+"""One behaviour across commands: an option name means one thing (one type, one default) in every
+command that has it; --workdir, --device and --json everywhere they apply; finetune's options are
+FinetuneConfig's fields."""
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from qsdcompress.cli import main
+from qsdcompress.config import FinetuneConfig
+
+# per-command exceptions, each with its reason
+OWN_DEFAULT = {("demo", "--data"): "the demo runs on a bundled data set: digits unless asked",
+               ("demo", "--epochs"): "none: finetune's own default"}
+
+
+def _options() -> dict[str, list[tuple[str, click.Option]]]:
+    seen: dict[str, list[tuple[str, click.Option]]] = {}
+    for cmd_name, cmd in main.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                seen.setdefault(max(p.opts, key=len), []).append((cmd_name, p))
+    return seen
+
+
+def _default(p: click.Option) -> str:
+    unset = p.default is None or type(p.default).__name__ == "Sentinel"
+    return repr(False if p.is_flag and unset else None if unset else p.default)
+
+
+def test_an_option_name_has_one_type_and_one_default_in_every_command():
+    bad = []
+    for name, uses in _options().items():
+        kinds = {(type(p.type).__name__, p.multiple, p.is_flag) for _, p in uses}
+        defaults = {_default(p) for c, p in uses if (c, name) not in OWN_DEFAULT}
+        if len(kinds) > 1 or len(defaults) > 1:
+            bad.append(f"{name}: " + ", ".join(f"{c} {type(p.type).__name__} {p.default!r}" for c, p in uses))
+    assert not bad, "\n".join(bad)
+
+
+def test_every_command_that_runs_a_model_takes_workdir_device_and_json():
+    for cmd_name, cmd in main.commands.items():
+        names = {p.name for p in cmd.params}
+        assert "as_json" in names, cmd_name
+        if cmd_name != "list":
+            assert "workdir" in names, cmd_name
+        if cmd_name not in ("list", "export"):  # export's check runs PyTorch on the runtime's CPU
+            assert "device" in names, cmd_name
+
+
+def test_finetune_options_are_the_config_fields():
+    params = {p.name for p in main.commands["finetune"].params}
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    assert fields - params == set(), fields - params  # model is the argument, the rest options
+    opt = next(p for p in main.commands["finetune"].params if p.name == "epochs")
+    assert opt.default == FinetuneConfig().epochs and "Epochs" in opt.help
