@@ -87,36 +87,28 @@ def data_option(help_text: str = DATA_HELP) -> Callable:
 
 
 class LazyChoice(click.Choice):
-    """A choice whose values live in a module the CLI imports only when they are needed (so that
-    ``--help`` stays quick): ``source()`` gives them."""
+    """A choice whose values are ``module.attr`` of this package, imported only when they are
+    needed (so that ``--help`` stays quick)."""
 
-    def __init__(self, source: Callable[[], Sequence[str]]) -> None:
-        self._source = source
+    def __init__(self, module: str, attr: str) -> None:
+        self._where = (module, attr)
         super().__init__(())
 
     @property  # type: ignore[override]
     def choices(self) -> tuple[str, ...]:
-        return tuple(self._source())
+        import importlib
+
+        module, attr = self._where
+        return tuple(getattr(importlib.import_module(module, __package__), attr))
 
     @choices.setter
     def choices(self, _value: Sequence[str]) -> None:
         pass
 
 
-def _formats() -> Sequence[str]:
-    from .onnx_export import FORMATS
-
-    return FORMATS
-
-
-def _runtimes() -> Sequence[str]:
-    from .onnx_export import RUNTIMES
-
-    return RUNTIMES
-
-
 def runtime_option(f: Callable) -> Callable:
-    return click.option("--runtime", type=LazyChoice(_runtimes), default="onnxruntime", show_default=True,
+    return click.option("--runtime", type=LazyChoice(".onnx_export", "RUNTIMES"), default="onnxruntime",
+                        show_default=True,
                         help="Runtime that runs the ONNX file: onnxruntime, or openvino (pip install "
                              "'qsdcompress[openvino]').")(f)
 
@@ -229,8 +221,8 @@ def eval_cmd(model: str | None, arch: str | None, checkpoint: Path | None, data:
     if model and checkpoint:
         raise QsdError("give either MODEL or --checkpoint, not both")
     r = run_eval(model or checkpoint, data=data, split=split, batch_size=batch_size, device=device,
-                       spike_mode=spike_mode, arch=arch, max_batches=max_batches, workdir=workdir,
-                       runtime=runtime, precision=precision)
+                 spike_mode=spike_mode, arch=arch, max_batches=max_batches, workdir=workdir, runtime=runtime,
+                 precision=precision)
     emit(r, as_json, _show_eval)
 
 
@@ -534,14 +526,11 @@ def config_options(cls: type) -> Callable:
 
 def _recipe(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
     """``--recipe``: its options become the defaults (``default_map``); the command line wins."""
-    from .config import FinetuneConfig, read_recipe
+    from .config import read_recipe
 
     if value is not None:
         options = read_recipe(value)
-        unknown = sorted(set(options) - set(FinetuneConfig.__dataclass_fields__))
-        if unknown:
-            raise QsdError(f"recipe {value}: unknown option(s) {', '.join(unknown)}",
-                           hint="see `qsdcompress finetune --help`")
+        FinetuneConfig.check_options(options, f"recipe {value}: ")
         ctx.default_map = {**(ctx.default_map or {}), **options}
     return value
 
@@ -576,7 +565,6 @@ def finetune_cmd(ctx: click.Context, model: str | None, as_json: bool, **opts: A
       torchrun --nproc-per-node 8 -m qsdcompress.cli finetune --recipe recipes/imagenet-qsd-8_512-w4.yaml
       qsdcompress finetune --resume        # continue a killed run
     """
-    from .config import FinetuneConfig
     from .train import checkpoint_options, checkpoint_path, run_finetune
 
     resume = opts.get("resume")
@@ -656,7 +644,7 @@ def _show_export(r: dict) -> None:
 @click.option("--float64-samples", type=click.IntRange(0), default=0, show_default=True,
               help="Also compare the file and PyTorch float32 with PyTorch float64 on this many images "
                    "(slow: float64 convolutions cost about 10x float32 ones on a CPU).")
-@click.option("--format", "fmt", type=LazyChoice(_formats), default="int", show_default=True,
+@click.option("--format", "fmt", type=LazyChoice(".onnx_export", "FORMATS"), default="int", show_default=True,
               help="int: every layer fed by spikes runs as an integer kernel (uint8 spikes x int8 weights, "
                    "int32 sums, onnxruntime's com.microsoft MatMulIntegerToFloat); fastest under onnxruntime. "
                    "std-int: the same integers in standard QDQ ops, which onnxruntime and OpenVINO lower to "

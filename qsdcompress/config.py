@@ -120,11 +120,16 @@ class FinetuneConfig:
         d = normalise_keys(d)
         if not d.get("extra", True):  # an always-empty field of early run configs
             d.pop("extra")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise QsdError(f"unknown finetune option(s): {', '.join(unknown)}")
+        cls.check_options(d)
         return cls(**d)
+
+    @classmethod
+    def check_options(cls, d: dict[str, Any], where: str = "") -> None:
+        """One line naming the keys of ``d`` that are no option (``where``: the file they came from)."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise QsdError(f"{where}unknown finetune option(s): {', '.join(unknown)}",
+                           hint="see `qsdcompress finetune --help`")
 
     def to_yaml(self) -> str:
         import yaml

@@ -265,14 +265,19 @@ def _first_dir(root: Path, names: Sequence[str]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def image_folder(root: Path, split: str, cfg: DataConfig, train_aug: bool = False) -> Dataset:
-    from torchvision.datasets import ImageFolder
-
+def _check_folder(root: Path) -> None:
+    """A folder spec names an existing folder (one line otherwise)."""
     if not root.exists():
         raise QsdError(f"data folder not found: {root}")
     if not root.is_dir():
         raise QsdError(f"--data must be 'digits', 'fashion-mnist[:DIR]', 'mnist:DIR', 'synthetic[:N]', "
                        f"'cifar10:DIR' or a folder; {root} is a file")
+
+
+def image_folder(root: Path, split: str, cfg: DataConfig, train_aug: bool = False) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    _check_folder(root)
     val_dir = _first_dir(root, ("val", "validation"))
     test_dir = _first_dir(root, ("test",))
     train_dir = _first_dir(root, ("train",)) or root
@@ -367,8 +372,13 @@ def model_data(model: Any) -> str | None:
     it was finetuned, calibrated or trained on (bundled models and every ``.qsd`` written by a
     command carry one). None for a reference checkpoint or a fresh model: statistics that depend
     on data then need ``--data`` (docs/method.md §3)."""
-    meta = getattr(model, "qsd_meta", None) or {}
-    quant = getattr(model, "qsd_quant_meta", None) or {}
+    return metadata_data(getattr(model, "qsd_meta", None) or {}, getattr(model, "qsd_quant_meta", None) or {})
+
+
+def metadata_data(meta: dict, quant: dict | None = None) -> str | None:
+    """:func:`model_data` read from a ``.qsd`` file's metadata (and a converted model's
+    ``qsd_quant_meta``), so that a file can be chosen by its data without loading it."""
+    quant = quant or {}
     finetune = (meta.get("finetune") or {}).get("config") if isinstance(meta.get("finetune"), dict) else None
     for spec in (meta.get("data"), (finetune or {}).get("data"),
                  (quant.get("calibration") or meta.get("calibration") or {}).get("data"),
@@ -399,8 +409,8 @@ def data_conflict(model: Any, data: str | None) -> str | None:
 def data_for(model: Any, data: str | None, name: str = "the model") -> str:
     """The data a command measures ``model`` on: ``data``, else the model's own, else digits.
     Data of another data set than the model's own is refused before any work, in one line."""
-    if data is not None and data_name(data) not in (*SPEC_KINDS, "digits") and not Path(data).expanduser().exists():
-        raise QsdError(f"data folder not found: {data}")
+    if data is not None and data_name(data) not in (*SPEC_KINDS, "digits"):
+        _check_folder(Path(data))
     conflict = data_conflict(model, data)
     if conflict:
         raise QsdError(f"{name}: {conflict}; omit --data to use the model's own data, or pass another MODEL")
@@ -502,7 +512,7 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 __all__: Sequence[str] = [
     "DataConfig", "build_dataset", "build_loader", "digits_dataset", "synthetic_dataset",
-    "resize_batch", "num_classes_of", "model_data", "foreign_data_reason", "class_mismatch", "random_shift", "random_hflip",
+    "resize_batch", "num_classes_of", "model_data", "metadata_data", "foreign_data_reason", "class_mismatch", "random_shift", "random_hflip",
     "read_idx", "idx_dataset", "stratified_holdout",
     "to_model_input", "first_samples",
 ]

@@ -24,7 +24,7 @@ from .io import hub_unavailable, load_state_dict_checked, sha256_file, strip_qua
 from .qsdfile import pack_ints, read_checkpoint, read_header_metadata, save_qsd, unpack_ints
 from .models import create_model, list_models, model_config, resolve_name, set_pretrained_loader
 from .quant import import_reference_lsq, is_quant_layer, quant_bits, restore_quantized, weight_layers
-from .data import model_data, same_data
+from .data import metadata_data, same_data
 from .zoo import default_for, lookup, of_file, unknown_name_hint
 
 
@@ -303,13 +303,6 @@ TAKES: dict[str, tuple[str, ...] | None] = {
 }
 
 
-class _Header:
-    """A file's metadata standing in for its model, so :func:`model_data` reads it unopened."""
-
-    def __init__(self, meta: dict) -> None:
-        self.qsd_meta = meta
-
-
 def newest_qsd(workdir: str | os.PathLike, takes: str = "any", data: str | None = None) -> Path | None:
     """The most recently written ``.qsd`` of the work directory of a kind in ``TAKES[takes]``
     whose own data is ``data`` (when given; a file recording no data matches any)."""
@@ -317,7 +310,7 @@ def newest_qsd(workdir: str | os.PathLike, takes: str = "any", data: str | None 
     kinds = TAKES[takes]
     for path in sorted(d.glob("*.qsd"), key=lambda p: p.stat().st_mtime, reverse=True) if d.is_dir() else []:
         meta = read_header_metadata(path)
-        own = model_data(_Header(meta))
+        own = metadata_data(meta)
         if (kinds is None or meta.get("kind") in kinds) and (data is None or own is None or same_data(own, data)):
             return path
     return None

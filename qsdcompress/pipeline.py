@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from .config import DEFAULT_WORKDIR
-from .data import (DataConfig, build_loader, class_mismatch, data_for, data_name, foreign_data_reason, model_data,
+from .data import (DataConfig, build_loader, class_mismatch, data_for, data_name, foreign_data_reason,
                    num_classes_of)
 from .errors import QsdError
 from .onnx_export import export
@@ -28,7 +28,7 @@ from .loading import load, locate_model, pick_device, resolve_model, resolve_sou
 from .metrics import evaluate
 from .mixed import Budget, convert_to_budget
 from .neurons import IELIF, iter_neurons, set_spike_mode
-from .quant import QuantConfig, convert
+from .quant import QuantConfig, calibration_data, convert
 from .reporting import report
 from .sizing import model_size
 from .train import finetune
@@ -36,10 +36,10 @@ from .ui import console
 
 
 def run_eval(model: nn.Module | str | os.PathLike | None = None, data: str | None = None, split: str = "test",
-                   batch_size: int = 128, device: str = "auto", spike_mode: str | None = None,
-                   arch: str | None = None, max_batches: int | None = None,
-                   workdir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
-                   precision: str | None = None) -> dict:
+             batch_size: int = 64, device: str = "auto", spike_mode: str | None = None,
+             arch: str | None = None, max_batches: int | None = None,
+             workdir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
+             precision: str | None = None) -> dict:
     """Top-1/top-5/loss of a model (a module, a file, an ONNX file or a bundled name; None: the
     one rule of :func:`~qsdcompress.loading.locate_model`) on ``data``, else the data the model
     records as its own, else digits. Data of another data set or other classes is refused. An
@@ -167,7 +167,7 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     else:
         converted = convert(float_model, config)
     seconds = time.perf_counter() - t0
-    data = config.calib_data or model_data(float_model)
+    data = calibration_data(float_model, config)
     if data:
         converted.qsd_meta = {**(getattr(converted, "qsd_meta", None) or {}), "data": data}
     save(converted, out_path, kind="converted", keep_float=keep_float)

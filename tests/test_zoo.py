@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bundled_path_per_data_spec(data, snn, ann, script):
     assert zoo.bundled_path(data=data) == zoo.ZOO_DIR / snn
     assert zoo.bundled_path(ann=True, data=data) == zoo.ZOO_DIR / ann
-    assert script in zoo.training_script(data)
+    assert script in zoo.default_for(data).trained_by
 
 
 def test_names_aliases_and_files_find_their_entry():

@@ -17,9 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch.nn as nn
 
-from ..data import model_data
 from ..errors import QsdError
-from ..quant import FLOAT_BITS, QuantConfig, convert, layer_bits, plan_bits
+from ..quant import FLOAT_BITS, QuantConfig, calibration_data, convert, layer_bits, plan_bits
 from ..reporting.accounting import collect, layer_rows, totals
 from ..reporting.energy import EnergyTable
 from ..sizing import model_size
@@ -152,7 +151,7 @@ class Planner:
     def __init__(self, model: nn.Module, config: QuantConfig, budget: Budget):
         self.model, self.config, self.budget = model, config, budget.validate()
         model.eval()
-        data = config.calib_data or model_data(model)
+        data = calibration_data(model, config)
         if not data:
             raise QsdError("a mixed-precision plan measures each layer group's damage on validation images: pass "
                            "--data with images of the model's own data")

@@ -346,8 +346,6 @@ def check_parity(proto_or_path: Any, model: nn.Module, x: torch.Tensor, raise_er
     ``raise_error`` is False."""
     import onnx
 
-    from .parity import measure_parity, parity_error
-
     proto = proto_or_path
     if not hasattr(proto, "graph"):
         p = Path(proto_or_path)

@@ -10,7 +10,7 @@
 """
 from .config import (FLOAT_BITS, IE_LIF_INITS, IE_LIF_MODES, REFERENCE_LSQ_BITS, SCALE_INITS, QuantConfig,
                      parse_bits, parse_layer_bits)
-from .conversion import calib_loader_for, convert, import_reference_lsq, quant_meta, restore_quantized
+from .conversion import calib_loader_for, calibration_data, convert, import_reference_lsq, quant_meta, restore_quantized
 from .ielif import (calibrate, fold_ie_lif, ie_lif_targets, neuron_channels, preceding_bn, reestimate_batchnorm,
                     replace_with_ie_lif)
 from .layers import (attach_lsq_grad_scale, init_step, is_quant_layer, layer_bits, make_quant_layer, plan_bits,
@@ -21,6 +21,6 @@ __all__ = [
     "fold_ie_lif", "attach_lsq_grad_scale", "calibrate", "reestimate_batchnorm", "init_step", "make_quant_layer",
     "is_quant_layer",
     "quant_bits", "replace_with_ie_lif", "preceding_bn", "parse_bits", "parse_layer_bits", "quant_meta",
-    "calib_loader_for", "ie_lif_targets", "neuron_channels", "scale_param", "weight_layers",
+    "calib_loader_for", "calibration_data", "ie_lif_targets", "neuron_channels", "scale_param", "weight_layers",
     "SCALE_INITS", "IE_LIF_MODES", "IE_LIF_INITS", "FLOAT_BITS", "REFERENCE_LSQ_BITS",
 ]

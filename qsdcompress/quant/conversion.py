@@ -109,6 +109,12 @@ def _first_samples(loader: Iterable | None, n: int) -> list[torch.Tensor]:
     return [b[0] if isinstance(b, (list, tuple)) else b for b in first_samples(loader, n)]
 
 
+def calibration_data(model: nn.Module, config: QuantConfig) -> str | None:
+    """The data that calibrates ``model`` and measures it: ``config.calib_data``, else the data the
+    model records as its own (:func:`~qsdcompress.data.model_data`), else None (weight-only)."""
+    return config.calib_data or model_data(model)
+
+
 def _calibration_batches(model: nn.Module, config: QuantConfig, calib_loader: Iterable | None
                          ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """The calibration images and what they are: the caller's loader, else ``config.calib_data``,
@@ -116,7 +122,7 @@ def _calibration_batches(model: nn.Module, config: QuantConfig, calib_loader: It
     n = config.num_calib_samples
     if calib_loader is not None:
         return _first_samples(calib_loader, n), {"data": None, "from": "the caller's loader", "own_data": True}
-    data = config.calib_data or model_data(model)
+    data = calibration_data(model, config)
     info: dict[str, Any] = {"data": data, "from": "given" if config.calib_data else "the model's metadata",
                             "own_data": bool(data)}
     if not data or n <= 0:
@@ -209,4 +215,5 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 
-__all__ = ["convert", "restore_quantized", "import_reference_lsq", "quant_meta", "calib_loader_for"]
+__all__ = ["convert", "restore_quantized", "import_reference_lsq", "quant_meta", "calib_loader_for",
+           "calibration_data"]

@@ -290,7 +290,7 @@ def save_run(run: Run, epoch: int, batch: int, on_checkpoint: Callable | None = 
             "ema": run.ema.state_dict() if run.ema is not None else {}, "rng": rng_state(),
             "progress": {"step": run.step, "epoch": epoch, "batch": batch}, "acc": dict(run.sums),
             "history": run.history, "best": run.best, "best_state": run.best_state or {},
-            "config": json.loads(run.cfg.to_json())})
+            "config": run.cfg.to_dict()})
     if run.dist.world > 1:
         dist.barrier()
     if on_checkpoint is not None:

@@ -156,11 +156,6 @@ def bundled_path(ann: bool = False, data: str = "digits") -> Path:
     return default_for(data, ann).path
 
 
-def training_script(data: str = "digits") -> str:
-    """The command that trains the default bundled model of a data spec."""
-    return default_for(data).trained_by
-
-
 def load_bundled_weights(model: torch.nn.Module, ann: bool = False, data: str = "digits") -> None:
     from ..io import load_state_dict_checked
     from ..qsdfile import read_checkpoint
@@ -171,4 +166,4 @@ def load_bundled_weights(model: torch.nn.Module, ann: bool = False, data: str = 
 
 
 __all__ = ["MODELS", "ZooModel", "BundledViT", "DEFAULT_FOR_DATA", "ZOO_DIR", "lookup", "default_for", "of_file",
-           "bundled_path", "training_script", "load_bundled_weights", "unknown_name_hint"]
+           "bundled_path", "load_bundled_weights", "unknown_name_hint"]
