@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from .config import DEFAULT_WORKDIR, FinetuneConfig
+from .config import DEFAULT_WORKDIR, Budget, FinetuneConfig, QuantConfig
 from .errors import QsdError, one_line
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -116,6 +116,69 @@ def runtime_option(f: Callable) -> Callable:
 def device_option(f: Callable) -> Callable:
     return click.option("--device", default="auto", show_default=True,
                         help="auto (CUDA when present, else cpu), cpu, cuda or cuda:N.")(f)
+
+
+def _int_list(_ctx: click.Context, _param: click.Parameter, value: Any) -> list[int] | None:
+    if value is None or value == "" or value == []:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).strip("[]").replace(" ", "").split(",")
+    try:
+        return [int(v) for v in items if v != ""]
+    except ValueError:
+        raise click.BadParameter("give comma-separated teacher layer indices, e.g. 2,5,8,11") from None
+
+
+def _field_option(fld: Any, hint: Any) -> Callable:
+    """The click option of one config field: its type, bounds and choices from the field."""
+    import dataclasses
+    import typing
+
+    meta = fld.metadata
+    flag = meta.get("flag") or "--" + fld.name.replace("_", "-")
+    default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+    if meta.get("cli_default", ...) is not ...:
+        default = meta["cli_default"]
+    args = typing.get_args(hint)
+    base = next(a for a in args if a is not type(None)) if type(None) in args else hint
+    kw: dict[str, Any] = {"help": meta.get("help") or None, "metavar": meta.get("metavar"),
+                          "hidden": meta.get("hidden", False)}
+    decls = [flag, *meta.get("aliases", ()), *([meta["short"]] if meta.get("short") else [])]
+    if base is bool:
+        decls = [f"{flag}/--no-{flag[2:]}"]
+    elif meta.get("parse"):  # repeatable: the function reads the values given
+        parse = meta["parse"]
+        kw.update(multiple=True, callback=lambda _c, _p, v: parse(v))
+        default = ()
+    elif meta.get("text"):  # the config's validate() parses it
+        default = ",".join(map(str, default)) if isinstance(default, list) else default
+        default = None if default is None else str(default)
+    elif meta.get("choices"):
+        kw["type"] = click.Choice(meta["choices"])
+    elif meta.get("path"):
+        kw["type"] = click.Path(dir_okay=meta["path"] == "dir", file_okay=meta["path"] == "file", path_type=Path)
+    elif base in (int, float):
+        rng = click.IntRange if base is int else click.FloatRange
+        kw["type"] = rng(min=meta["min"]) if meta.get("min") is not None else base
+    elif typing.get_origin(base) is list:
+        kw.update(type=str, callback=_int_list)
+    kw.update(default=default, show_default=default not in (None, "", ()))
+    return click.option(*decls, fld.name, **kw)
+
+
+def config_options(cls: type, only: Sequence[str] | None = None) -> Callable:
+    """Every field of a config dataclass (or those named in ``only``) as a click option; those
+    marked ``cli=False`` are declared by hand: arguments and options shared by all commands."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+
+    def decorate(f: Callable) -> Callable:
+        for fld in reversed(dataclasses.fields(cls)):
+            if fld.metadata.get("cli", True) and (only is None or fld.name in only):
+                f = _field_option(fld, hints[fld.name])(f)
+        return f
+    return decorate
 
 
 def emit(result: dict, as_json: bool, show: Callable[[dict], None] | None = None) -> None:
@@ -290,32 +353,7 @@ def _show_plan(plan: dict) -> None:
 
 @main.command("convert", context_settings=CONTEXT)
 @click.argument("model", required=False)
-@click.option("--bits", default="4", show_default=True, help="Weight bits, 1-8 (1 = sign with a per-channel scale).")
-@click.option("--layer-bits", multiple=True, metavar="GLOB=BITS",
-              help="Per-layer bits by module-name glob, repeatable (last match wins), e.g. 'head=8'.")
-@click.option("--first-last-bits", default=None, help="Bits of the first conv and the head.")
-@click.option("--skip", multiple=True, metavar="GLOB", help="Keep matching layers float, repeatable.")
-@click.option("--scale-init", type=click.Choice(["mse", "lsq", "absmax"]), default="mse", show_default=True,
-              help="mse: per-channel step minimising the weight error; lsq: 2 mean|w|/sqrt(Qp); absmax: no clipping.")
-@click.option("--ie-lif", type=click.Choice(["qkv", "attention", "all", "none"]), default="qkv", show_default=True,
-              help="Which neurons become IE-LIF: q/k/v, also the attention neuron, every neuron, or none.")
-@click.option("--ie-lif-init", type=click.Choice(["identity", "rectify"]), default="identity", show_default=True,
-              help="identity: reproduce the replaced neuron exactly; rectify: gamma 0.25, beta 0.5.")
-@click.option("--data", "--calib-data", "calib_data", default=None,
-              help="The model's own images: they calibrate IE-LIF, re-estimate BatchNorm (<= 4 bits) and give "
-                   "top-1 before/after on their test split. digits | fashion-mnist[:DIR] | mnist:DIR | "
-                   "synthetic[:N] | cifar10:DIR | an ImageFolder directory. Default: the data the model records "
-                   "(bundled models, .qsd files); a reference checkpoint records none, so without --data the "
-                   "conversion is weight-only, keeps the float statistics and reports no top-1.")
-@click.option("--calib-samples", type=click.IntRange(0), default=256, show_default=True,
-              help="Images that calibrate the IE-LIF statistics (0: no calibration).")
-@click.option("--calib-batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--reestimate-bn/--no-reestimate-bn", default=None,
-              help="After quantizing the weights, recompute every BatchNorm's statistics on the calibration "
-                   "images (a standard post-training step, docs/method.md §3). Default: when some layer has "
-                   "4 bits or fewer (it rescues W3..W1; at W8 the float statistics were slightly better).")
-@click.option("--calib-batches", type=click.IntRange(0), default=None, hidden=True,
-              help="Older form of --calib-samples: this many batches of --calib-batch-size.")
+@config_options(QuantConfig)
 @click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output .qsd (default: WORKDIR/converted.qsd).")
@@ -323,29 +361,12 @@ def _show_plan(plan: dict) -> None:
 @click.option("--keep-float", is_flag=True,
               help="Also store the float latent weights (the .qsd then has float size): finetuning starts from "
                    "them instead of from the quantized grid points.")
-@click.option("--target-size-mb", type=float, default=None,
-              help="Mixed precision: the least-damage per-group widths whose size (as report prints it, "
-                   "1 MB = 1e6 bytes) is at most this.")
-@click.option("--target-energy-mj", type=float, default=None,
-              help="Mixed precision: energy per image (the report's energy model) at most this.")
-@click.option("--max-drop", type=float, default=None,
-              help="Mixed precision: the smallest plan whose validation top-1 drops at most this many points.")
-@click.option("--candidate-bits", default="1,2,3,4,8", show_default=True,
-              help="Widths a mixed-precision plan chooses from.")
-@click.option("--sensitivity", "sensitivity_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A table from `qsdcompress sensitivity -o FILE` (else it is measured).")
-@click.option("--sensitivity-samples", type=click.IntRange(1), default=128, show_default=True,
-              help="Validation images the sensitivity and the plan checks run on.")
+@config_options(Budget)
 @device_option
 @workdir_option
 @json_option
-def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first_last_bits: str | None,
-                skip: tuple[str, ...], scale_init: str, ie_lif: str, ie_lif_init: str, calib_data: str | None,
-                calib_samples: int, calib_batch_size: int, reestimate_bn: bool | None, calib_batches: int | None,
-                arch: str | None, output: Path | None, no_eval: bool, keep_float: bool, target_size_mb: float | None,
-                target_energy_mj: float | None, max_drop: float | None, candidate_bits: str,
-                sensitivity_file: Path | None, sensitivity_samples: int, device: str, workdir: Path,
-                as_json: bool) -> None:
+def convert_cmd(model: str | None, arch: str | None, output: Path | None, no_eval: bool, keep_float: bool,
+                device: str, workdir: Path, as_json: bool, **opts: Any) -> None:
     """Low-bit weights + IE-LIF neurons: MODEL -> WORKDIR/converted.qsd.
 
     MODEL is a bundled model's name, a float .qsd file or a reference checkpoint (a reference LSQ
@@ -371,23 +392,29 @@ def convert_cmd(model: str | None, bits: str, layer_bits: tuple[str, ...], first
     with the least summed damage within the budget. --layer-bits, --first-last-bits and --skip
     still fix the layers they name.
     """
-    from .mixed import Budget, parse_bit_set
     from .pipeline import run_convert
-    from .quant import QuantConfig, parse_bits, parse_layer_bits
 
-    if calib_batches is not None:
-        calib_samples = calib_batches * calib_batch_size
-    cfg = QuantConfig(bits=parse_bits(bits), layer_bits=parse_layer_bits(layer_bits),
-                      first_last_bits=parse_bits(first_last_bits, "--first-last-bits") if first_last_bits else None,
-                      skip=list(skip), scale_init=scale_init, ie_lif=ie_lif, ie_lif_init=ie_lif_init,
-                      calib_data=calib_data, calib_samples=calib_samples, calib_batch_size=calib_batch_size,
-                      reestimate_bn=reestimate_bn)
-    budget = Budget(target_size_mb=target_size_mb, target_energy_mj=target_energy_mj, max_drop=max_drop,
-                    candidate_bits=list(parse_bit_set(candidate_bits)), samples=sensitivity_samples,
-                    sensitivity=str(sensitivity_file) if sensitivity_file else None)
+    cfg = QuantConfig(**_fields_given(QuantConfig, opts))
+    budget = Budget(**_fields_given(Budget, opts))
     r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval,
                     keep_float=keep_float, budget=budget, device=device)
     emit(r, as_json, _show_convert)
+
+
+def _fields_given(cls: type, opts: dict[str, Any]) -> dict[str, Any]:
+    """The options that are ``cls``'s fields, paths as text; unset ones (None where the field's
+    default is not) left to the config's own default."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in opts:
+            continue
+        value = opts[f.name]
+        if value is None and f.default is not None:
+            continue
+        out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
 
 
 # --- sensitivity (qsdcompress/mixed) ---
@@ -417,11 +444,10 @@ def _show_sensitivity(r: dict) -> None:
 @click.argument("model", required=False)
 @click.option("--arch", help="Architecture of a reference checkpoint; inferred from the keys when omitted.")
 @data_option(DATA_HELP + " Its validation split is measured.")
-@click.option("--candidate-bits", "bits", default="1,2,3,4,8", show_default=True,
-              help="Widths to measure, comma-separated (those convert's plan may choose).")
+@config_options(Budget, only=("candidate_bits",))
 @click.option("--samples", type=click.IntRange(1), default=128, show_default=True, help="Validation images.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--scale-init", type=click.Choice(["mse", "lsq", "absmax"]), default="mse", show_default=True)
+@config_options(QuantConfig, only=("scale_init",))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the table as JSON here (convert --sensitivity reads it).")
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -429,7 +455,7 @@ def _show_sensitivity(r: dict) -> None:
 @device_option
 @workdir_option
 @json_option
-def sensitivity_cmd(model: str | None, arch: str | None, data: str | None, bits: str, samples: int,
+def sensitivity_cmd(model: str | None, arch: str | None, data: str | None, candidate_bits: str, samples: int,
                     batch_size: int, scale_init: str, output: Path | None, plot_dir: Path | None, device: str,
                     workdir: Path, as_json: bool) -> None:
     """Damage per layer group and weight width: KL of the logits from the float model's on
@@ -447,7 +473,7 @@ def sensitivity_cmd(model: str | None, arch: str | None, data: str | None, bits:
     from .mixed import parse_bit_set, sensitivity
 
     plot = ensure_writable_dir(plot_dir, "plot directory") / "sensitivity.png" if plot_dir is not None else None
-    r = sensitivity(model, data=data, bits=parse_bit_set(bits), samples=samples, batch_size=batch_size,
+    r = sensitivity(model, data=data, bits=parse_bit_set(candidate_bits), samples=samples, batch_size=batch_size,
                     scale_init=scale_init, arch=arch, output=output, plot=plot, workdir=workdir, device=device)
     emit(r, as_json, _show_sensitivity)
 
@@ -470,58 +496,6 @@ def _show_finetune(r: dict) -> None:
         f"epoch {r['best_epoch']} ({r['kept']})"
     console.print(f"kept {kept}: val top-1 {r['val_top1'] * 100:.2f}%, test top-1 {r['top1'] * 100:.2f}% "
                   f"in {r['seconds']:.0f}s; metrics: {r['metrics_csv']}")
-
-
-def _int_list(_ctx: click.Context, _param: click.Parameter, value: Any) -> list[int] | None:
-    if value is None or value == "" or value == []:
-        return None
-    items = value if isinstance(value, (list, tuple)) else str(value).strip("[]").replace(" ", "").split(",")
-    try:
-        return [int(v) for v in items if v != ""]
-    except ValueError:
-        raise click.BadParameter("give comma-separated teacher layer indices, e.g. 2,5,8,11") from None
-
-
-def _field_option(fld: Any, hint: Any) -> Callable:
-    """The click option of one config field: its type, bounds and choices from the field."""
-    import dataclasses
-    import typing
-
-    meta, flag = fld.metadata, "--" + fld.name.replace("_", "-")
-    default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
-    args = typing.get_args(hint)
-    base = next(a for a in args if a is not type(None)) if type(None) in args else hint
-    kw: dict[str, Any] = {"default": default, "help": meta.get("help") or None, "metavar": meta.get("metavar"),
-                          "show_default": default not in (None, "")}
-    decls = [flag, *([meta["short"]] if meta.get("short") else [])]
-    if base is bool:
-        decls = [f"{flag}/--no-{flag[2:]}"]
-    elif meta.get("choices"):
-        kw["type"] = click.Choice(meta["choices"])
-    elif meta.get("path"):
-        kw["type"] = click.Path(dir_okay=meta["path"] == "dir", file_okay=meta["path"] == "file", path_type=Path)
-    elif base in (int, float):
-        rng = click.IntRange if base is int else click.FloatRange
-        kw["type"] = rng(min=meta["min"]) if meta.get("min") is not None else base
-    elif typing.get_origin(base) is list:
-        kw.update(type=str, callback=_int_list)
-    return click.option(*decls, fld.name, **kw)
-
-
-def config_options(cls: type) -> Callable:
-    """Every field of a config dataclass as a click option (those marked ``cli=False`` are declared
-    by hand: arguments and options shared by all commands)."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-
-    def decorate(f: Callable) -> Callable:
-        for fld in reversed(dataclasses.fields(cls)):
-            if fld.metadata.get("cli", True):
-                f = _field_option(fld, hints[fld.name])(f)
-        return f
-    return decorate
 
 
 def _recipe(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
@@ -790,7 +764,7 @@ def list_cmd(as_json: bool) -> None:
 
 
 @main.command("demo", context_settings=CONTEXT)
-@click.option("--bits", default="4", show_default=True, help="Weight bits, 1-8 (as convert's --bits).")
+@config_options(QuantConfig, only=("bits",))
 @click.option("--data", default="digits", show_default=True,
               help="digits (bundled, runs anywhere) or fashion-mnist[:DIR] (the real benchmark: "
                    "apt-get install dataset-fashion-mnist).")

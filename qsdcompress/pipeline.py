@@ -156,6 +156,8 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     ``top1_note`` saying why.
     """
     config = (config or QuantConfig()).validate()
+    if budget is not None:
+        budget.validate()  # a bad option is an error whether or not a budget is active
     out_path = Path(output) if output is not None else Path(workdir) / "converted.qsd"
     ensure_writable_dir(out_path.parent)  # before minutes of calibration, not after
     t0 = time.perf_counter()

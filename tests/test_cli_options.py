@@ -55,3 +55,39 @@ def test_finetune_options_are_the_config_fields():
     assert fields - params == set(), fields - params  # model is the argument, the rest options
     opt = next(p for p in main.commands["finetune"].params if p.name == "epochs")
     assert opt.default == FinetuneConfig().epochs and "Epochs" in opt.help
+
+
+def test_convert_options_are_the_quant_config_and_budget_fields():
+    from qsdcompress.config import Budget, QuantConfig
+
+    params = {p.name: p for p in main.commands["convert"].params}
+    for cls in (QuantConfig, Budget):
+        cli_fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+        assert cli_fields - set(params) == set(), cls.__name__
+    assert params["bits"].default == str(QuantConfig().bits)
+    assert params["candidate_bits"].default == ",".join(map(str, Budget().candidate_bits))
+    assert "--sensitivity-samples" in params["samples"].opts and params["samples"].default == Budget().samples
+    assert params["calib_batches"].hidden and "--calib-data" in params["calib_data"].opts
+
+
+def test_convert_command_line_builds_the_configs(monkeypatch, tmp_path):
+    """What the options become: the same QuantConfig/Budget the API builds from the same values."""
+    from click.testing import CliRunner
+
+    from qsdcompress import pipeline
+    from qsdcompress.config import Budget, QuantConfig
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_convert", lambda model, cfg, **kw: seen.update(cfg=cfg, **kw) or {})
+    args = ["convert", "--bits", "3", "--layer-bits", "head=8", "--layer-bits", "block*=2", "--skip", "stem*",
+            "--calib-batches", "2", "--calib-batch-size", "16", "--no-reestimate-bn", "--max-drop", "0.5",
+            "--candidate-bits", "2,4", "--workdir", str(tmp_path), "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"].validate()
+    assert cfg == QuantConfig(bits=3, layer_bits={"head": 8, "block*": 2}, skip=["stem*"], calib_batches=2,
+                              calib_batch_size=16, reestimate_bn=False)
+    assert cfg.num_calib_samples == 32
+    assert seen["budget"].validate() == Budget(max_drop=0.5, candidate_bits=[2, 4])
+    res = CliRunner().invoke(main, ["convert", "--workdir", str(tmp_path), "--json"])
+    assert res.exit_code == 0 and seen["cfg"].validate() == QuantConfig() and not seen["budget"].active

@@ -23,8 +23,9 @@ from ..loading import pick_device, resolve_source
 from .allocate import Problem, monotone, search_drop, smallest, solve
 from .damage import PrefixCache, Quantizer, Reference, validation_batches
 from .groups import LayerGroup, layer_groups
-from .plan import MB, Budget, Planner, convert_to_budget, energy_mj, read_table
-from .sensitivity_table import DEFAULT_BITS, SensitivityTable, measure_sensitivity, parse_bit_set, plot_sensitivity
+from ..config import DEFAULT_BITS, Budget, parse_bit_set
+from .plan import MB, Planner, convert_to_budget, energy_mj, read_table
+from .sensitivity_table import SensitivityTable, measure_sensitivity, plot_sensitivity
 
 
 def sensitivity(model: nn.Module | str | os.PathLike | None = None, data: str | None = None,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch.nn as nn
 
+from ..config import Budget
 from ..errors import QsdError
 from ..quant import FLOAT_BITS, QuantConfig, calibration_data, convert, layer_bits, plan_bits
 from ..reporting.accounting import collect, layer_rows, totals
@@ -25,46 +26,9 @@ from ..sizing import model_size
 from .allocate import Problem, monotone, search_drop, smallest, solve
 from .damage import Quantizer, Reference, validation_batches
 from .groups import LayerGroup
-from .sensitivity_table import DEFAULT_BITS, SensitivityTable, measure_sensitivity, parse_bit_set
+from .sensitivity_table import SensitivityTable, measure_sensitivity
 
 MB = 1e6  # bytes, as every size the commands print
-
-
-@dataclass
-class Budget:
-    """What a mixed-precision ``convert`` must meet; serialised into the plan it produces."""
-
-    target_size_mb: float | None = None     # sizing.model_size, in 1e6 bytes
-    target_energy_mj: float | None = None   # the report's energy per image on validation images
-    max_drop: float | None = None           # validation top-1 points after PTQ
-    candidate_bits: list[int] = field(default_factory=lambda: list(DEFAULT_BITS))
-    samples: int = 128                      # validation images of the sensitivity and the checks
-    sensitivity: str | None = None          # a table written by `qsdcompress sensitivity --json`
-    energy_table: str | None = None
-
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in (self.target_size_mb, self.target_energy_mj, self.max_drop))
-
-    def validate(self) -> "Budget":
-        for name in ("target_size_mb", "target_energy_mj", "max_drop"):
-            v = getattr(self, name)
-            if v is not None and (not math.isfinite(float(v)) or float(v) < 0 or (name != "max_drop" and v == 0)):
-                raise QsdError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-        self.candidate_bits = list(parse_bit_set(self.candidate_bits))
-        if self.samples < 1:
-            raise QsdError(f"--sensitivity-samples must be at least 1, got {self.samples}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Budget":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise QsdError(f"unknown budget option(s) {', '.join(unknown)}")
-        return cls(**dict(d))
 
 
 def read_table(path: str | os.PathLike) -> SensitivityTable:

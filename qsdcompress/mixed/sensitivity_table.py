@@ -20,22 +20,12 @@ import torch.nn as nn
 
 from ..errors import QsdError
 from ..io import atomic_path
-from ..quant import parse_bits
+from ..config import DEFAULT_BITS, parse_bit_set
 from ..ui import progress_bar
 from .damage import Batch, PrefixCache, Quantizer, Reference
 from .groups import LayerGroup, layer_groups
 
-DEFAULT_BITS = (1, 2, 3, 4, 8)
 METRIC = "kl"  # mean KL(p_float || p_quantized) in nats per image
-
-
-def parse_bit_set(value: str | Iterable[Any], what: str = "--candidate-bits") -> tuple[int, ...]:
-    """``"1,2,3,4,8"`` or a list -> sorted distinct bit widths in 1..8."""
-    items = str(value).replace(" ", "").split(",") if isinstance(value, str) else list(value)
-    bits = sorted({parse_bits(b, what) for b in items if str(b) != ""})
-    if not bits:
-        raise QsdError(f"{what}: give at least one bit width, e.g. 1,2,3,4,8")
-    return tuple(bits)
 
 
 @dataclass

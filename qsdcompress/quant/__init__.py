@@ -1,6 +1,6 @@
 """Conversion to a QSD-Transformer: low-bit Brevitas weights, IE-LIF neurons, calibration.
 
-* ``config``: :class:`QuantConfig` (what to do) and bit-width parsing.
+* :class:`QuantConfig` (what to do) and bit-width parsing live in :mod:`qsdcompress.config`.
 * ``layers``: the Brevitas weight quantizers, scale initialisation, the per-layer bit plan and
   :func:`quantize_` (swap conv/linear layers in place).
 * ``ielif``: which neurons become IE-LIF (the model publishes its q/k/v neurons), calibration of
@@ -8,7 +8,7 @@
 * ``conversion``: :func:`convert` and the ways back to a converted structure
   (:func:`restore_quantized` from ``.qsd`` metadata, :func:`import_reference_lsq`).
 """
-from .config import (FLOAT_BITS, IE_LIF_INITS, IE_LIF_MODES, REFERENCE_LSQ_BITS, SCALE_INITS, QuantConfig,
+from ..config import (FLOAT_BITS, IE_LIF_INITS, IE_LIF_MODES, REFERENCE_LSQ_BITS, SCALE_INITS, QuantConfig,
                      parse_bits, parse_layer_bits)
 from .conversion import calib_loader_for, calibration_data, convert, import_reference_lsq, quant_meta, restore_quantized
 from .ielif import (calibrate, fold_ie_lif, ie_lif_targets, neuron_channels, preceding_bn, reestimate_batchnorm,

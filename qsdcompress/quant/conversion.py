@@ -13,7 +13,7 @@ from ..data import DataConfig, build_loader, first_samples, foreign_data_reason,
 from ..errors import QsdError
 from ..io import load_state_dict_checked, strip_quant_extras
 from ..neurons import IELIF, AffineMultiSpike, iter_neurons
-from .config import FLOAT_BITS, REESTIMATE_BN_BITS, REFERENCE_LSQ_BITS, QuantConfig
+from ..config import FLOAT_BITS, REESTIMATE_BN_BITS, REFERENCE_LSQ_BITS, QuantConfig
 from .ielif import calibrate, ie_lif_targets, neuron_channels, reestimate_batchnorm, replace_with_ie_lif
 from .layers import layer_bits, quantize_, weight_layers
 

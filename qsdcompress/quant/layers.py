@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import QsdError
-from .config import FLOAT_BITS, SCALE_INITS, QuantConfig, parse_bits
+from ..config import FLOAT_BITS, SCALE_INITS, QuantConfig, parse_bits
 
 _FLOAT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
