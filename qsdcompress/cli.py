@@ -181,26 +181,14 @@ def config_options(cls: type, only: Sequence[str] | None = None) -> Callable:
     return decorate
 
 
-def emit(result: dict, as_json: bool, show: Callable[[dict], None] | None = None) -> None:
-    """Write the result: JSON on stdout, or a human rendering on stderr."""
+def emit(result: Any, as_json: bool) -> None:
+    """Write a result (:mod:`qsdcompress.results`): JSON on stdout, or its table on stderr."""
+    from .results import Result, json_default
+
     if as_json:
-        click.echo(json.dumps(result, default=_json_default))
-    elif show is not None:
-        show(result)
+        click.echo(result.to_json() if isinstance(result, Result) else json.dumps(result, default=json_default))
     else:
-        from .ui import console
-
-        console.print_json(json.dumps(result, default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
+        result.render()
 
 
 @click.group(cls=QsdGroup, context_settings=CONTEXT)
@@ -228,20 +216,6 @@ def main() -> None:
       qsdcompress demo                     all of the above in one go
       qsdcompress list                     the bundled models and their data
     """
-
-
-def _show_eval(r: dict) -> None:
-    from rich.table import Table
-
-    from .ui import console
-
-    ran = f" ({r['runtime']}, {r['precision']})" if r.get("runtime") else ""
-    t = Table(title=f"eval: {r.get('model')} on {r.get('data')} {r.get('split', 'test')}{ran}")
-    for c in ("top1", "top5", "loss", "samples", "images/s"):
-        t.add_column(c, justify="right")
-    t.add_row(f"{r['top1'] * 100:.2f}%", f"{r['top5'] * 100:.2f}%", f"{r['loss']:.4f}", str(r["samples"]),
-              str(r.get("images_per_s")))
-    console.print(t)
 
 
 @main.command("eval", context_settings=CONTEXT)
@@ -286,69 +260,10 @@ def eval_cmd(model: str | None, arch: str | None, checkpoint: Path | None, data:
     r = run_eval(model or checkpoint, data=data, split=split, batch_size=batch_size, device=device,
                  spike_mode=spike_mode, arch=arch, max_batches=max_batches, workdir=workdir, runtime=runtime,
                  precision=precision)
-    emit(r, as_json, _show_eval)
+    emit(r, as_json)
 
 
 # --- convert (qsdcompress/quant, qsdcompress/pipeline.py) ---
-
-
-def _show_convert(r: dict) -> None:
-    from rich.table import Table
-
-    from .ui import console
-
-    t = Table(title=f"convert: {r.get('arch')} -> {r['output']}")
-    t.add_column("weight bits", justify="right")
-    t.add_column("layers", justify="right")
-    t.add_column("parameters", justify="right")
-    for bits, e in r["layers_per_bits"].items():
-        t.add_row("float32" if int(bits) >= 32 else str(bits), str(e["layers"]), f"{e['params']:,}")
-    console.print(t)
-    s = Table(show_header=False)
-    s.add_column()
-    s.add_column(justify="right")
-    s.add_row("IE-LIF neurons", str(r["neurons_replaced"]))
-    s.add_row("parameters", f"{r['parameters']:,}")
-    s.add_row("size (theoretical)", f"{r['size_bytes'] / 1e6:.3f} MB  ({r['compression']}x smaller than float32 "
-              f"{r['float_size_bytes'] / 1e6:.3f} MB)")
-    s.add_row("size (paper convention)", f"{r['size_mb_paper']} MB vs {r['float_size_mb_paper']} MB")
-    if r.get("top1_before") is not None:
-        s.add_row(f"top-1 on {r['top1_data']} test", f"{r['top1_before'] * 100:.2f}% -> {r['top1_after'] * 100:.2f}%")
-    cal = r.get("calibration") or {}
-    s.add_row("calibration", f"{cal.get('samples', 0)} images of {cal.get('data') or '-'}"
-              + (", BatchNorm re-estimated" if cal.get("batchnorm_reestimated") else ""))
-    s.add_row("time", f"{r['convert_seconds']} s")
-    console.print(s)
-    for note in (cal.get("note"), r.get("top1_note")):
-        if note:
-            console.print(f"[yellow]note:[/] {note}")
-    if r.get("plan"):
-        _show_plan(r["plan"])
-
-
-def _show_plan(plan: dict) -> None:
-    """The mixed-precision plan: width per group, predicted vs measured."""
-    from rich.table import Table
-
-    from .ui import console
-
-    t = Table(title="mixed-precision plan (docs/method.md §9)")
-    t.add_column("group")
-    t.add_column("bits", justify="right")
-    for name, bits in plan["groups"].items():
-        t.add_row(name, str(bits))
-    console.print(t)
-    pr, me = plan["predicted"], plan["measured"]
-    lines = [f"budget {plan['budget']}: {'met' if plan['budget_met'] else 'NOT met'}",
-             f"size {plan['size_bytes']:,} bytes (predicted {pr['size_bytes']:,})",
-             f"KL to float on {plan['validation_images']} val images: predicted {pr['kl']:.3g} (sum over groups), "
-             f"measured {me['kl']:.3g}",
-             f"val top-1 {me['val_top1'] * 100:.2f}% (float {me['val_top1_float'] * 100:.2f}%, "
-             f"drop {me['drop_points']:.2f} points)"]
-    if "energy_mj" in me:
-        lines.append(f"energy per image {me['energy_mj']:.4g} mJ (predicted {pr['energy_mj']:.4g})")
-    for line in lines:
-        console.print("  " + line)
 
 
 @main.command("convert", context_settings=CONTEXT)
@@ -398,7 +313,7 @@ def convert_cmd(model: str | None, arch: str | None, output: Path | None, no_eva
     budget = Budget(**_fields_given(Budget, opts))
     r = run_convert(model, cfg, arch=arch, workdir=workdir, output=output, evaluate_top1=not no_eval,
                     keep_float=keep_float, budget=budget, device=device)
-    emit(r, as_json, _show_convert)
+    emit(r, as_json)
 
 
 def _fields_given(cls: type, opts: dict[str, Any]) -> dict[str, Any]:
@@ -418,26 +333,6 @@ def _fields_given(cls: type, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- sensitivity (qsdcompress/mixed) ---
-
-
-def _show_sensitivity(r: dict) -> None:
-    from rich import box
-    from rich.table import Table
-
-    from .reporting.render import short_name
-    from .ui import console
-
-    t = Table(title=f"sensitivity of {r.get('model')}: KL to float (nats/image), only that group quantized",
-              box=box.SIMPLE, pad_edge=False)
-    t.add_column("group", no_wrap=True)
-    for b in r["bits"]:
-        t.add_column(f"W{b}", justify="right", no_wrap=True)
-    for g in r["groups"]:
-        t.add_row(short_name(g["name"], 30), *[f"{g['damage'][str(b)]:.1e}" for b in r["bits"]])
-    console.print(t)
-    console.print(f"{r['samples']} val images of {r.get('data')}, float val top-1 {r['float_val_top1'] * 100:.2f}%; "
-                  f"{r['seconds']:.1f} s" + (f"; table: {r['output']}" if r.get("output") else "")
-                  + (f"; heat map: {r['plot']}" if r.get("plot") else ""))
 
 
 @main.command("sensitivity", context_settings=CONTEXT)
@@ -475,28 +370,9 @@ def sensitivity_cmd(model: str | None, arch: str | None, data: str | None, candi
     plot = ensure_writable_dir(plot_dir, "plot directory") / "sensitivity.png" if plot_dir is not None else None
     r = sensitivity(model, data=data, bits=parse_bit_set(candidate_bits), samples=samples, batch_size=batch_size,
                     scale_init=scale_init, arch=arch, output=output, plot=plot, workdir=workdir, device=device)
-    emit(r, as_json, _show_sensitivity)
+    emit(r, as_json)
 
 # --- finetune (qsdcompress/distill, qsdcompress/train) ---
-
-def _show_finetune(r: dict) -> None:
-    from rich.table import Table
-
-    from .ui import console
-
-    t = Table(title=f"finetune -> {r['output']} (teacher {r.get('teacher')})")
-    for c in ("epoch", "loss", "ce", "kd", "fgd", "val top1", "H(qkv)", "img/s"):
-        t.add_column(c, justify="right")
-    for h in r.get("history", []):
-        ent = f"{h['entropy_qkv']:.2f}" if "entropy_qkv" in h else "-"
-        t.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{h['ce']:.4f}", f"{h['kd']:.4f}", f"{h['fgd']:.4f}",
-                  f"{h['val_top1'] * 100:.2f}%", ent, str(h.get("images_per_s")))
-    console.print(t)
-    kept = "the input model (no epoch beat it on validation)" if r["kept"] == "input" else \
-        f"epoch {r['best_epoch']} ({r['kept']})"
-    console.print(f"kept {kept}: val top-1 {r['val_top1'] * 100:.2f}%, test top-1 {r['top1'] * 100:.2f}% "
-                  f"in {r['seconds']:.0f}s; metrics: {r['metrics_csv']}")
-
 
 def _recipe(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
     """``--recipe``: its options become the defaults (``default_map``); the command line wins."""
@@ -563,43 +439,10 @@ def finetune_cmd(ctx: click.Context, model: str | None, as_json: bool, **opts: A
         values["clip_grad"] = None
     _, result = run_finetune(FinetuneConfig.from_dict(values))
     if int(os.environ.get("RANK", "0")) == 0:
-        emit(result, as_json, _show_finetune)
+        emit(result, as_json)
 
 
 # --- export and report (qsdcompress/export, qsdcompress/report) ---
-
-
-def _show_export(r: dict) -> None:
-    from rich.table import Table
-
-    from .ui import console
-
-    t = Table(title=f"export: {r['output']}")
-    t.add_column("")
-    t.add_column("value", justify="right")
-    t.add_row("file bytes", f"{r['file_bytes']:,}")
-    t.add_row("params*bits/8 (quantized weights at b bits, rest float32)", f"{r['weight_bits_bytes']:,}")
-    t.add_row("file / params*bits/8", f"{r['file_vs_weight_bits']:.3f}x")
-    t.add_row("weight storage", ", ".join(f"{k} x{v}" for k, v in r["initializers"].items()) + f" (opset {r['opset']})")
-    t.add_row("format", r.get("format", "qdq"))
-    if r.get("format") == "int":
-        t.add_row("integer layers", f"{r['integer_layers']} of {r['weight_layers']} (+{r['integer_products']} "
-                                    f"attention products)")
-    ran = r.get("integer_layers_executed") or {}
-    if ran:
-        t.add_row(f"ran as integer ({ran['runtime']}, {ran['precision']})",
-                  f"{ran['integer_layers']} of {ran['compute_layers']} compute layers")
-    if r.get("parity") == "unchecked":
-        t.add_row("parity", "NOT checked (--unchecked; marked so in the file)")
-    else:
-        t.add_row(f"parity images ({r['parity_data']})", f"{r['parity_samples']} under "
-                                                         f"{r.get('parity_runtime', 'onnxruntime')} "
-                                                         f"{r.get('parity_precision', 'f32')}")
-        t.add_row("layers fed PyTorch's spikes", f"{r['layers_checked']}, spike flips {r['spike_flips']} "
-                                                 f"(all within float rounding of a boundary)")
-        t.add_row("images differing end to end", f"{r['images_differing']} (max |logit diff| {r['max_abs_diff']:.3g})")
-        t.add_row("top-1 agreement", f"{r['top1_agreement'] * 100:.2f}%")
-    console.print(t)
 
 
 @main.command("export", context_settings=CONTEXT)
@@ -658,7 +501,7 @@ def export_cmd(model: str | None, output: Path | None, data: str | None, parity_
 
     r = export(model, output, workdir=workdir, data=data, parity_samples=parity_samples, int2=int2,
                format=fmt, check=not unchecked, float64_samples=float64_samples, runtime=runtime)
-    emit(r, as_json, _show_export)
+    emit(r, as_json)
 
 
 @main.command("report", context_settings=CONTEXT)
@@ -720,23 +563,6 @@ def report_cmd(model: str | None, data: str | None, split: str, batches: int, ba
 # --- list ---
 
 
-def _show_list(r: dict) -> None:
-    from rich import box
-    from rich.table import Table
-
-    from .ui import console
-
-    t = Table(title="bundled models (MODEL in every command)", box=box.SIMPLE, pad_edge=False)
-    for c, j in (("name", "left"), ("kind", "left"), ("data", "left"), ("test top-1", "right"),
-                 ("what", "left")):
-        t.add_column(c, justify=j)  # type: ignore[arg-type]
-    for m in r["models"]:
-        top1 = f"{m['test_top1'] * 100:.2f}%" if m.get("test_top1") is not None else "-"
-        what = m["description"] if m["installed"] else f"not installed: {m['trained_by']}"
-        t.add_row(m["name"], m["kind"], m["data"], top1, what)
-    console.print(t)
-
-
 @main.command("list", context_settings=CONTEXT)
 @json_option
 def list_cmd(as_json: bool) -> None:
@@ -748,16 +574,9 @@ def list_cmd(as_json: bool) -> None:
       qsdcompress eval qsd_tiny_fmnist            # its own data, fashion-mnist
       qsdcompress finetune --teacher vit_fmnist --data fashion-mnist
     """
-    from .zoo import MODELS
+    from .zoo import catalogue
 
-    rows = []
-    for m in MODELS.values():
-        training = m.metadata().get("training") or {}
-        rows.append({"name": m.name, "aliases": list(m.aliases), "kind": m.kind, "data": m.data,
-                     "description": m.description, "installed": m.installed, "file": str(m.path),
-                     "counterpart_ann": m.ann, "test_top1": training.get("test_top1"),
-                     "trained_by": m.trained_by})
-    emit({"models": rows}, as_json, _show_list)
+    emit(catalogue(), as_json)
 
 
 # --- demo ---
@@ -784,14 +603,14 @@ def demo_cmd(bits: str, data: str, teacher: str, epochs: int | None, device: str
     vs finetuned vs ONNX (val and test top-1, size, SOPs, energy). Outputs stay in --workdir.
     With --data fashion-mnist the same runs on the real benchmark and its bundled model.
     """
-    from .pipeline import demo, show_demo
+    from .pipeline import demo
     from .ui import console
 
     from .quant import parse_bits
 
     r = demo(workdir=workdir, bits=parse_bits(bits), teacher=teacher, epochs=epochs, data=data, device=device,
              on_stage=lambda s: console.print(f"[bold cyan]{s}[/]"))
-    emit(r, as_json, show_demo)
+    emit(r, as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

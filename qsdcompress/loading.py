@@ -25,7 +25,7 @@ from .qsdfile import pack_ints, read_checkpoint, read_header_metadata, save_qsd,
 from .models import create_model, list_models, model_config, resolve_name, set_pretrained_loader
 from .quant import import_reference_lsq, is_quant_layer, quant_bits, restore_quantized, weight_layers
 from .data import metadata_data, same_data
-from .zoo import default_for, lookup, of_file, unknown_name_hint
+from .zoo import ZooModel, default_for, lookup, of_file, unknown_name_hint
 
 
 def bundled_model(ann: bool = False, data: str = "digits") -> nn.Module:
@@ -96,7 +96,11 @@ def load(path: str | os.PathLike | None = None, arch: str | None = None, prefer_
     path = model_file(path)
     sd, meta = read_checkpoint(path, prefer_ema=prefer_ema)
     if meta.get("kind") == "timm_teacher":
-        return _bundled_vit(path, sd)
+        entry = of_file(path)
+        if entry is None or entry.vit is None:
+            raise QsdError(f"{path} holds a timm teacher of no bundled shape; use it as "
+                           f"`finetune --teacher-checkpoint {path}`")
+        return _built_vit(entry, sd, path)
     if meta.get("arch") and arch is None:
         model = build_from_meta(meta)
         ints = _unpacked(sd, model, meta, path) if meta.get("packed_weights") else {}
@@ -125,14 +129,22 @@ def load(path: str | os.PathLike | None = None, arch: str | None = None, prefer_
     return model.eval()
 
 
-def _bundled_vit(path: Path, sd: dict[str, torch.Tensor]) -> nn.Module:
-    """A bundled ViT teacher's file, built with the shape the zoo records for it."""
-    entry = of_file(path)
+def bundled_vit(name: str, path: str | os.PathLike | None = None) -> nn.Module:
+    """A bundled ViT teacher (``vit_digits``, ``vit_fmnist``: ``qsdcompress list``), built with the
+    shape the zoo records for it, from its own file or ``path``."""
+    entry = lookup(name)
     if entry is None or entry.vit is None:
-        raise QsdError(f"{path} holds a timm teacher of no bundled shape; use it as "
-                       f"`finetune --teacher-checkpoint {path}`")
+        raise QsdError(f"{name!r} is no bundled ViT teacher; {unknown_name_hint(name)}")
+    p = Path(path) if path is not None else entry.require()
+    if not p.exists():
+        raise QsdError(f"ViT teacher weights missing: {p} (train them with `{entry.trained_by}`)")
+    sd, _ = read_checkpoint(p)
+    return _built_vit(entry, sd, p)
+
+
+def _built_vit(entry: ZooModel, sd: dict[str, torch.Tensor], path: Path) -> nn.Module:
     model = entry.build()
-    load_state_dict_checked(model, sd, source=str(path))
+    load_state_dict_checked(model, sd, source=f"ViT teacher {path}")
     return model.eval()
 
 
@@ -374,5 +386,5 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-__all__ = ["load", "save", "model_meta", "bundled_model", "guess_arch", "build_from_meta", "resolve_model",
+__all__ = ["load", "save", "model_meta", "bundled_model", "bundled_vit", "guess_arch", "build_from_meta", "resolve_model",
            "resolve_source", "newest_qsd", "locate_model", "model_file", "TAKES", "pick_device", "has_reference_lsq", "load_pretrained"]

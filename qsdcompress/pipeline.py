@@ -30,16 +30,16 @@ from .mixed import Budget, convert_to_budget
 from .neurons import IELIF, iter_neurons, set_spike_mode
 from .quant import QuantConfig, calibration_data, convert
 from .reporting import report
+from .results import ConvertResult, DemoResult, EvalResult
 from .sizing import model_size
 from .train import finetune
-from .ui import console
 
 
 def run_eval(model: nn.Module | str | os.PathLike | None = None, data: str | None = None, split: str = "test",
              batch_size: int = 64, device: str = "auto", spike_mode: str | None = None,
              arch: str | None = None, max_batches: int | None = None,
              workdir: str | os.PathLike | None = None, runtime: str = "onnxruntime",
-             precision: str | None = None) -> dict:
+             precision: str | None = None) -> EvalResult:
     """Top-1/top-5/loss of a model (a module, a file, an ONNX file or a bundled name; None: the
     one rule of :func:`~qsdcompress.loading.locate_model`) on ``data``, else the data the model
     records as its own, else digits. Data of another data set or other classes is refused. An
@@ -50,9 +50,9 @@ def run_eval(model: nn.Module | str | os.PathLike | None = None, data: str | Non
         loader = build_loader(data, split, cfg, batch_size=batch_size, num_classes=num_classes)
         _check_classes(num_classes, data, loader, str(model))
         ran = f"eval ({predictor.runtime}, {predictor.precision})"
-        return {**evaluate(predictor, loader, "cpu", description=ran, max_batches=max_batches),
-                "model": str(model), "data": data, "split": split, "runtime": predictor.runtime,
-                "precision": predictor.precision}
+        return EvalResult(**evaluate(predictor, loader, "cpu", description=ran, max_batches=max_batches),
+                          model=str(model), data=data, split=split, runtime=predictor.runtime,
+                          precision=predictor.precision)
     if runtime != "onnxruntime" or precision is not None:
         raise QsdError("--runtime and --precision apply to an exported .onnx file; a PyTorch model runs in PyTorch",
                        hint="export it first (qsdcompress export), then eval the .onnx file")
@@ -67,8 +67,8 @@ def run_eval(model: nn.Module | str | os.PathLike | None = None, data: str | Non
     out = evaluate(m, loader, dev, max_batches=max_batches)
     if spike_mode:
         set_spike_mode(m, "integer")
-    return {**out, "model": name, "data": data, "split": split, "spike_mode": spike_mode or "integer",
-            "parameters": sum(p.numel() for p in m.parameters())}
+    return EvalResult(**out, model=name, data=data, split=split, spike_mode=spike_mode or "integer",
+                      parameters=sum(p.numel() for p in m.parameters()))
 
 
 def _check_classes(num_classes: int, data: str, loader: Any, name: str) -> None:
@@ -145,8 +145,8 @@ def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str |
 def run_convert(model: str | os.PathLike | nn.Module | None = None, config: QuantConfig | None = None,
                 arch: str | None = None, workdir: str | os.PathLike = DEFAULT_WORKDIR,
                 output: str | os.PathLike | None = None, evaluate_top1: bool = True, keep_float: bool = False,
-                budget: Budget | None = None, device: str = "auto") -> dict:
-    """What ``qsdcompress convert`` does: load, convert, evaluate before/after, save; a summary dict.
+                budget: Budget | None = None, device: str = "auto") -> ConvertResult:
+    """What ``qsdcompress convert`` does: load, convert, evaluate before/after, save; a :class:`~qsdcompress.results.ConvertResult`.
 
     The ``.qsd`` holds bit-packed integer weights; ``keep_float`` also keeps the float latent
     weights, so that finetuning starts from the float model's weights rather than their grid points.
@@ -175,12 +175,12 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     save(converted, out_path, kind="converted", keep_float=keep_float)
     before, after, note = (_top1_before_after(float_model, converted, data, dev) if evaluate_top1
                            else (None, None, "top-1 not measured (--no-eval)"))
-    return {"output": str(out_path), "top1_before": before, "top1_after": after,
-            "top1_data": data if before is not None else None, "top1_note": note,
-            "calibration": dict(converted.qsd_quant_meta.get("calibration") or {}),
-            "arch": getattr(converted, "arch", None), "config": config.to_dict(),
-            **convert_summary(converted), "source": converted.qsd_quant_meta.get("source", {}),
-            "convert_seconds": round(seconds, 2), **({"plan": plan} if plan is not None else {})}
+    return ConvertResult(output=str(out_path), arch=getattr(converted, "arch", None), top1_before=before,
+                         top1_after=after, top1_data=data if before is not None else None, top1_note=note,
+                         calibration=dict(converted.qsd_quant_meta.get("calibration") or {}),
+                         config=config.to_dict(), summary=convert_summary(converted),
+                         source=converted.qsd_quant_meta.get("source", {}), convert_seconds=round(seconds, 2),
+                         plan=plan)
 
 
 def _float_model(model: str | os.PathLike | nn.Module | None, arch: str | None, data: str | None,
@@ -206,12 +206,12 @@ def _row(top1: float | None, rep: dict | None, size_bytes: int | None = None, **
 
 def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: str = "ann",
          epochs: int | None = None, data: str = "digits", report_batches: int = 4,
-         on_stage: Callable[[str], None] | None = None, device: str = "auto") -> dict:
+         on_stage: Callable[[str], None] | None = None, device: str = "auto") -> DemoResult:
     """Run convert (``bits``-bit weights, IE-LIF on q/k/v) -> finetune (``teacher``, KD + FGD) ->
     export (packed ONNX, parity-checked) -> report on the bundled model of ``data`` (digits, or
     ``fashion-mnist`` where its bundled model and data are installed).
 
-    Returns ``{"rows": {"float", "converted", "finetuned", "onnx"}, "stages": {...}, ...}``;
+    Returns a :class:`~qsdcompress.results.DemoResult`: ``rows`` (float, converted, finetuned, onnx);
     each row has ``top1``, ``size_bytes``, ``sops`` and ``energy_mj``.
     """
     if data_name(data) not in ("digits", "fashion-mnist"):
@@ -274,41 +274,8 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
     for r in rows.values():
         r["size_x"] = f["size_bytes"] / r["size_bytes"] if r["size_bytes"] else None
         r["energy_x"] = f["energy_mj"] / r["energy_mj"] if r.get("energy_mj") else None
-    return {"workdir": str(wd), "data": data, "bits": bits, "teacher": teacher, "rows": rows, "stages": stages,
-            "energy_table": reps["float"]["energy_table"], "seconds": round(time.perf_counter() - t0, 1)}
+    return DemoResult(workdir=str(wd), data=data, bits=bits, teacher=teacher, rows=rows, stages=stages,
+                      energy_table=reps["float"]["energy_table"], seconds=round(time.perf_counter() - t0, 1))
 
 
-def show_demo(result: dict) -> None:
-    """The comparison table on stderr."""
-    from rich.table import Table
-
-    t = Table(title=f"qsdcompress demo: bundled {result.get('data', 'digits')} model, W{result['bits']}, "
-                    f"{result['seconds']:.0f} s, outputs in {result['workdir']}")
-    for c in ("model", "val top-1", "val loss", "test top-1", "size", "size x", "SOPs", "energy (mJ)", "energy x"):
-        # fold, not an ellipsis: on a narrow terminal a number wraps but is never cut
-        t.add_column(c, justify="left" if c == "model" else "right", overflow="fold")
-    for name, r in result["rows"].items():
-        val = f"{r['val_top1'] * 100:.2f}%" if r.get("val_top1") is not None else "-"
-        loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-"
-        t.add_row(name, val, loss, f"{r['top1'] * 100:.2f}%", _bytes(r["size_bytes"]),
-                  f"{r['size_x']:.1f}x" if r["size_x"] else "-", f"{r['sops']:.3g}" if r["sops"] else "-",
-                  f"{r['energy_mj']:.4g}" if r["energy_mj"] else "-",
-                  f"{r['energy_x']:.1f}x" if r["energy_x"] else "-")
-    console.print(t)
-    for name, r in result["rows"].items():
-        console.print(f"  [dim]{name}: {r['what']}[/]")
-    console.print("  [dim]val: the held-out part of the training data finetune chooses on (higher top-1, ties "
-                  "broken by lower loss; never worse than its input there); test: measured once[/]")
-    et = result.get("energy_table") or {}
-    if et:
-        console.print(f"  [dim]energy per image, {et.get('source', '45 nm convention')}[/]")
-
-
-def _bytes(n: int | None) -> str:
-    if not n:
-        return "-"
-    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
-
-
-__all__ = ["run_eval", "convert_model", "run_convert", "convert_summary", "demo",
-           "show_demo"]
+__all__ = ["run_eval", "convert_model", "run_convert", "convert_summary", "demo"]

@@ -25,6 +25,36 @@ def quiet() -> bool:
     return os.environ.get("QSDCOMPRESS_QUIET", "") not in ("", "0")
 
 
+def _block_head(parts: list[str]) -> int:
+    """How many leading parts name the block: up to the first list index (``block3.1``,
+    ``ConvBlock1_1.0``), else the top-level module alone."""
+    for i, p in enumerate(parts[1:], 1):
+        if p.isdigit():
+            return i + 1
+    return 1
+
+
+def short_name(name: str, width: int) -> str:
+    """``name`` in ``width`` characters, keeping its block and its end: the middle dotted parts
+    become ``…`` (``block3.1.attn.proj_conv.0.body`` -> ``block3.1…proj_conv.0.body``), so
+    layers of different blocks stay apart in a table."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    h = _block_head(parts)
+    head, rest = ".".join(parts[:h]), parts[h:]
+    for k in range(len(rest) - 1, 0, -1):
+        tail = ".".join(rest[-k:])
+        if len(head) + 1 + len(tail) <= width:
+            return f"{head}…{tail}"
+    room = width - len(head) - 1
+    if room >= 4:  # the block and the end of the last part
+        return f"{head}…{name[-room:]}"
+    tail = name[-(width - 1):]
+    dot = tail.find(".")
+    return "…" + (tail[dot + 1:] if 0 <= dot < len(tail) - 1 else tail)
+
+
 @contextmanager
 def progress_bar(description: str, total: int | None, extra: str = "") -> Iterator[tuple[Progress, int]]:
     """A rich progress bar on stderr; ``extra`` is a field updated with ``update(task, info=...)``."""

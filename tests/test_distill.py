@@ -237,7 +237,8 @@ def test_bundled_teachers_are_trained():
 def test_fmnist_vit_matches_its_student_grid(tmp_path):
     """vit_fmnist takes the Fashion-MNIST student's input (1x28x28) and its q/k/v come on the
     student's 7x7 token grid; a missing weights file is one clear error naming the script."""
-    from qsdcompress.distill import BUNDLED_VITS, bundled_vit_teacher
+    from qsdcompress.distill import BUNDLED_VITS
+    from qsdcompress.loading import bundled_vit
 
     vit = BUNDLED_VITS["vit_fmnist"].build().eval()
     student = q.create_model("qsd_tiny_fmnist").eval()
@@ -246,4 +247,4 @@ def test_fmnist_vit_matches_its_student_grid(tmp_path):
     vit(torch.randn(2, 1, 28, 28))
     assert cap.pop() and cap.grids[0] == (7, 7)
     with pytest.raises(QsdError, match="train_vit_teacher.py --data fashion-mnist"):
-        bundled_vit_teacher("vit_fmnist", tmp_path / "missing.safetensors")
+        bundled_vit("vit_fmnist", tmp_path / "missing.safetensors")

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "qsdcompress"
 # Lower layers never import higher ones. A module's layer is that of its top-level name.
 LAYERS = {
     "errors": 0, "ui": 0, "provenance": 0,
-    "io": 1, "qsdfile": 1, "config": 1, "neurons": 1, "metrics": 1,
+    "io": 1, "qsdfile": 1, "config": 1, "results": 1, "neurons": 1, "metrics": 1,
     "data": 2, "zoo": 2,
     "models": 3,
     "quant": 4,

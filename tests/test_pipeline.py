@@ -41,12 +41,14 @@ def test_demo_json_rows(tmp_path):
     assert rows["converted"]["size_mb_paper"] == conv["size_mb_paper"]
 
 
-def _demo_result() -> dict:
+def _demo_result():
+    from qsdcompress.results import DemoResult
+
     row = dict(val_top1=0.9172, top1=0.9146, size_bytes=954_056, size_x=7.006, sops=41_378_912.0,
                energy_mj=0.006312345, energy_x=6.12, what="W4 after convert")
-    return {"data": "fashion-mnist", "bits": 4, "seconds": 41.0, "workdir": "qsdcompress-out",
-            "rows": {"float": {**row, "val_top1": None, "size_x": 1.0}, "converted": row, "finetuned": row,
-                     "onnx": row}, "energy_table": {}}
+    return DemoResult(data="fashion-mnist", bits=4, seconds=41.0, workdir="qsdcompress-out", teacher="ann",
+                      rows={"float": {**row, "val_top1": None, "size_x": 1.0}, "converted": row, "finetuned": row,
+                            "onnx": row})
 
 
 @pytest.mark.parametrize("width", [120, 60])
@@ -57,11 +59,11 @@ def test_demo_table_never_cuts_a_number(monkeypatch, width):
 
     from rich.console import Console
 
-    import qsdcompress.pipeline as pipeline
+    import qsdcompress.results as results
 
     buf = io.StringIO()
-    monkeypatch.setattr(pipeline, "console", Console(file=buf, width=width, highlight=False))
-    pipeline.show_demo(_demo_result())
+    monkeypatch.setattr(results, "console", Console(file=buf, width=width, highlight=False))
+    _demo_result().render()
     text = buf.getvalue()
     assert "…" not in text
     # each column's cells read top to bottom: a folded figure continues on the next line

@@ -12,13 +12,13 @@
 """
 from .capture import QKVCapture, resize_tokens, tokens_from_spikes
 from .losses import fgd_loss, kd_loss, layer_map, similarity
-from .teachers import (BUNDLED_VITS, TEACHER_ALIASES, Teacher, build_vit_digits, bundled_entry, bundled_vit_teacher,
+from .teachers import (BUNDLED_VITS, TEACHER_ALIASES, Teacher, build_vit_digits, bundled_entry,
                        checkpoint_model_args, counterpart_ann, load_teacher, resolve_teacher_name, timm_data_config,
                        timm_teacher)
 
 __all__ = [
     "Teacher", "QKVCapture", "load_teacher", "counterpart_ann", "timm_teacher",
-    "build_vit_digits", "bundled_vit_teacher", "bundled_entry", "BUNDLED_VITS",
+    "build_vit_digits", "bundled_entry", "BUNDLED_VITS",
     "resolve_teacher_name", "similarity", "layer_map",
     "fgd_loss", "kd_loss", "tokens_from_spikes", "resize_tokens", "TEACHER_ALIASES",
     "checkpoint_model_args", "timm_data_config",

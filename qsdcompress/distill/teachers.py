@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..data import DataConfig, resize_batch
 from ..errors import QsdError, one_line
 from ..io import hub_unavailable, load_state_dict_checked, strip_quant_extras
-from ..loading import has_reference_lsq, hub_weights, load
+from ..loading import bundled_vit, has_reference_lsq, hub_weights, load
 from ..models import create_model
 from ..qsdfile import read_checkpoint
 from ..zoo import MODELS, ZooModel, lookup, of_file
@@ -294,17 +294,6 @@ def _cached_pretrained(full: str, why: str, **kwargs: Any) -> nn.Module:
                    f"pass --teacher-checkpoint PATH (timm/HF weights or safetensors)")
 
 
-def bundled_vit_teacher(name: str = "vit_digits", path: str | os.PathLike | None = None) -> nn.Module:
-    """A bundled ViT teacher (:data:`BUNDLED_VITS`), from ``path`` if given."""
-    vit = BUNDLED_VITS[name]
-    path = Path(path) if path is not None else vit.require()
-    if not path.exists():
-        raise QsdError(f"ViT teacher weights missing: {path} (train them with `{vit.trained_by}`)")
-    model = vit.build()
-    _load_weights(model, path, "ViT teacher")
-    return model
-
-
 def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | None = None,
                  capture: bool = True, img_size: int | None = None) -> Teacher:
     """Build the frozen teacher named by ``spec`` for ``student``.
@@ -324,7 +313,7 @@ def load_teacher(spec: str, student: nn.Module, checkpoint: str | os.PathLike | 
         style = "snn" if hasattr(model, "structure") else "timm"
         return Teacher(model, str(spec), style, DataConfig.from_model(model), capture)
     if spec in BUNDLED_VITS:
-        model = bundled_vit_teacher(spec, checkpoint)
+        model = bundled_vit(spec, checkpoint)
     else:
         model = timm_teacher(spec, checkpoint, num_classes=getattr(student, "num_classes", None), img_size=img_size)
     return Teacher(model, spec, "timm", timm_data_config(model, img_size), capture)

@@ -17,13 +17,14 @@ from typing import Iterable
 
 import torch.nn as nn
 
+from ..config import DEFAULT_BITS, Budget, parse_bit_set
 from ..data import data_for
 from ..io import atomic_write_text
 from ..loading import pick_device, resolve_source
+from ..results import SensitivityResult
 from .allocate import Problem, monotone, search_drop, smallest, solve
 from .damage import PrefixCache, Quantizer, Reference, validation_batches
 from .groups import LayerGroup, layer_groups
-from ..config import DEFAULT_BITS, Budget, parse_bit_set
 from .plan import MB, Planner, convert_to_budget, energy_mj, read_table
 from .sensitivity_table import SensitivityTable, measure_sensitivity, plot_sensitivity
 
@@ -32,7 +33,7 @@ def sensitivity(model: nn.Module | str | os.PathLike | None = None, data: str | 
                 bits: Iterable[int] | str = DEFAULT_BITS, samples: int = 128, batch_size: int = 64,
                 scale_init: str = "mse", arch: str | None = None, output: str | os.PathLike | None = None,
                 plot: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
-                device: str = "auto") -> dict:
+                device: str = "auto") -> SensitivityResult:
     """Per-group damage (KL to the float logits on ``samples`` validation images of ``data``) when
     only that group is quantized to each width in ``bits``; ``model`` is a float model, a path or
     None (the one rule of :func:`~qsdcompress.loading.locate_model`: a float model of the work
@@ -44,13 +45,12 @@ def sensitivity(model: nn.Module | str | os.PathLike | None = None, data: str | 
     m.to(dev)
     batches = validation_batches(m, data, samples, batch_size)
     table, _, _ = measure_sensitivity(m, batches, bits, scale_init, data=data)
-    result = {"model": name,
-              "arch": getattr(m, "arch", None), **table.to_dict()}
+    result = SensitivityResult(model=name, arch=getattr(m, "arch", None), table=table.to_dict())
     if output is not None:
-        atomic_write_text(output, json.dumps(result, indent=1))
-        result["output"] = str(output)
+        atomic_write_text(output, json.dumps(result.to_dict(), indent=1))
+        result.output = str(output)
     if plot is not None:
-        result["plot"] = plot_sensitivity(table, plot)
+        result.plot = plot_sensitivity(table, plot)
     return result
 
 

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from ..errors import QsdError
-from ..ui import console
+from ..ui import console, short_name
 
 def layers_frame(result: dict):
     """The per-layer rows of a report as a pandas DataFrame."""
@@ -106,36 +106,6 @@ def compact(v: float | int | None) -> str:
         if a < div * 1000:
             return f"{v / div:.3g}{suffix}"
     return f"{v:.1e}"
-
-
-def _block_head(parts: list[str]) -> int:
-    """How many leading parts name the block: up to the first list index (``block3.1``,
-    ``ConvBlock1_1.0``), else the top-level module alone."""
-    for i, p in enumerate(parts[1:], 1):
-        if p.isdigit():
-            return i + 1
-    return 1
-
-
-def short_name(name: str, width: int) -> str:
-    """``name`` in ``width`` characters, keeping its block and its end: the middle dotted parts
-    become ``…`` (``block3.1.attn.proj_conv.0.body`` -> ``block3.1…proj_conv.0.body``), so
-    layers of different blocks stay apart in a table."""
-    if len(name) <= width:
-        return name
-    parts = name.split(".")
-    h = _block_head(parts)
-    head, rest = ".".join(parts[:h]), parts[h:]
-    for k in range(len(rest) - 1, 0, -1):
-        tail = ".".join(rest[-k:])
-        if len(head) + 1 + len(tail) <= width:
-            return f"{head}…{tail}"
-    room = width - len(head) - 1
-    if room >= 4:  # the block and the end of the last part
-        return f"{head}…{name[-room:]}"
-    tail = name[-(width - 1):]
-    dot = tail.find(".")
-    return "…" + (tail[dot + 1:] if 0 <= dot < len(tail) - 1 else tail)
 
 
 def short_path(path: str, width: int) -> str:

@@ -47,6 +47,7 @@ from ..metrics import evaluate
 from ..neurons import IELIF, iter_neurons
 from ..quant import attach_lsq_grad_scale
 from ..reporting.accounting import SpikeRecorder, qkv_neurons, spike_statistics
+from ..results import FinetuneResult
 from ..ui import console, progress_bar
 from ..zoo import lookup
 from .checkpoint import (CHECKPOINT_NAME, checkpoint_options, checkpoint_path, load_checkpoint, rng_state,
@@ -465,7 +466,7 @@ def end_epoch(run: Run, epoch: int, ev: dict) -> None:
                       f"fgd {row['fgd']:.4f}) val top1 {ev['top1'] * 100:.2f}% ({ev['source']}){entropy}")
 
 
-def finish(run: Run, seconds: float) -> dict:
+def finish(run: Run, seconds: float) -> FinetuneResult:
     """Keep the best model, write it (rank 0) and return the result."""
     if run.capture is not None:
         run.capture.remove()
@@ -478,21 +479,20 @@ def finish(run: Run, seconds: float) -> dict:
     best, history = run.best, run.history
     test = evaluate(run.student, run.test_loader, run.dist.device, description="test (kept model)",
                     max_batches=run.cfg.eval_max_batches)
-    result = {
-        "output": str(run.output), "top1": test["top1"], "top5": test["top5"], "loss": test["loss"],
-        "val_top1": best["top1"], "val_top5": best["top5"], "val_loss": best["loss"],
-        "input_val_top1": best.get("input_top1"), "input_val_loss": best.get("input_loss"),
-        "best_epoch": best["epoch"], "kept": best["source"], "epochs": len(history), "steps": run.step,
-        "losses": {k: history[-1][k] for k in LOSS_PARTS} if history else {},
-        "history": history, "teacher": run.teacher.name if run.teacher else None, "input": run.source,
-        "run_dir": str(run.run_dir), "metrics_csv": str(run.run_dir / "metrics.csv"), "world_size": run.dist.world,
-        "seconds": round(seconds, 1),
-    }
+    result = FinetuneResult(
+        output=str(run.output), top1=test["top1"], top5=test["top5"], loss=test["loss"],
+        val_top1=best["top1"], val_top5=best["top5"], val_loss=best["loss"],
+        input_val_top1=best.get("input_top1"), input_val_loss=best.get("input_loss"),
+        best_epoch=best["epoch"], kept=best["source"], epochs=len(history), steps=run.step,
+        losses={k: history[-1][k] for k in LOSS_PARTS} if history else {},
+        history=history, teacher=run.teacher.name if run.teacher else None, input=run.source,
+        run_dir=str(run.run_dir), metrics_csv=str(run.run_dir / "metrics.csv"), world_size=run.dist.world,
+        seconds=round(seconds, 1))
     if run.dist.main:
         save(run.student, run.output, kind="finetuned", keep_float=run.cfg.keep_float,
              finetune={"config": run.cfg.to_dict(), "top1": test["top1"], "val_top1": best["top1"],
                        "kept": best["source"], "best_epoch": best["epoch"],
-                       "epochs": len(history), "steps": run.step, "teacher": result["teacher"], "input": run.source})
+                       "epochs": len(history), "steps": run.step, "teacher": result.teacher, "input": run.source})
     if run.dist.world > 1:
         dist.barrier()
     return result
@@ -500,7 +500,7 @@ def finish(run: Run, seconds: float) -> dict:
 
 def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None,
                  on_step: Callable[[int, dict], None] | None = None,
-                 on_checkpoint: Callable[[int, Path], None] | None = None) -> tuple[nn.Module, dict]:
+                 on_checkpoint: Callable[[int, Path], None] | None = None) -> tuple[nn.Module, FinetuneResult]:
     """Run one finetune; returns the kept (best) model and the result dict.
 
     ``on_step(step, losses)`` and ``on_checkpoint(step, path)`` are called on every rank after
@@ -533,7 +533,7 @@ def run_finetune(cfg: FinetuneConfig, model: nn.Module | None = None,
 
 
 def finetune(model_or_path: nn.Module | str | os.PathLike | None = None, teacher: str | None = None,
-             config: FinetuneConfig | None = None, **options: Any) -> dict:
+             config: FinetuneConfig | None = None, **options: Any) -> FinetuneResult:
     """Distillation-based QAT of a converted model; writes ``finetuned.qsd`` and returns a summary.
 
     ``model_or_path``: a model, a ``.qsd`` path, or None for ``<workdir>/converted.qsd``.

@@ -20,6 +20,7 @@ import torch.nn as nn
 from ..data import data_name
 from ..errors import QsdError
 from ..qsdfile import read_header_metadata
+from ..results import ModelList
 
 ZOO_DIR = Path(__file__).resolve().parent
 
@@ -151,6 +152,18 @@ def of_file(path: str | Path) -> ZooModel | None:
     return next((m for m in MODELS.values() if m.file == name), None)
 
 
+def catalogue() -> ModelList:
+    """Every bundled model with its data, test top-1 and how it was trained (``qsdcompress list``)."""
+    rows = []
+    for m in MODELS.values():
+        training = m.metadata().get("training") or {}
+        rows.append({"name": m.name, "aliases": list(m.aliases), "kind": m.kind, "data": m.data,
+                     "description": m.description, "installed": m.installed, "file": str(m.path),
+                     "counterpart_ann": m.ann, "test_top1": training.get("test_top1"),
+                     "trained_by": m.trained_by})
+    return ModelList(models=rows)
+
+
 def bundled_path(ann: bool = False, data: str = "digits") -> Path:
     """The file of the default bundled model of a data spec."""
     return default_for(data, ann).path
@@ -165,5 +178,5 @@ def load_bundled_weights(model: torch.nn.Module, ann: bool = False, data: str = 
     load_state_dict_checked(model, sd, source=str(entry.path))
 
 
-__all__ = ["MODELS", "ZooModel", "BundledViT", "DEFAULT_FOR_DATA", "ZOO_DIR", "lookup", "default_for", "of_file",
+__all__ = ["MODELS", "catalogue", "ZooModel", "BundledViT", "DEFAULT_FOR_DATA", "ZOO_DIR", "lookup", "default_for", "of_file",
            "bundled_path", "load_bundled_weights", "unknown_name_hint"]
