@@ -17,7 +17,7 @@ import qsdcompress.onnx_export.exporter as exporter_mod
 from qsdcompress.errors import QsdError
 from qsdcompress.models.random_init import randomize_
 from qsdcompress.onnx_export import ExportConfig, export, parity_batch
-from qsdcompress.onnx_export.integer import MS_DOMAIN
+from qsdcompress.onnx_export.integer import MS_DOMAIN, rewrite_integer
 from qsdcompress.quant import convert
 
 
@@ -154,18 +154,20 @@ def test_int_file_stores_packed_weights_widened_by_cast(bits, stored, opset, tmp
 
 def test_a_wrong_integer_graph_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
     m = _model(4, 4, "qkv")
-    real = exporter_mod.rewrite_integer
+    real = rewrite_integer
 
-    def broken(proto, registry, int2):
-        info = real(proto, registry, int2)
+    def broken(proto, ctx):
+        facts = real(proto, ctx)
         g = proto.graph
         node = next(n for n in g.node if n.op_type == "MatMulIntegerToFloat")
         t = next(t for t in g.initializer if t.name == node.input[3])  # per-channel scale
         arr = onnx.numpy_helper.to_array(t) * 1.5
         t.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), t.name))
-        return info
+        return facts
 
-    monkeypatch.setattr(exporter_mod, "rewrite_integer", broken)
+    passes = tuple(broken if p is real else p for p in exporter_mod.FORMAT_PASSES["int"])
+    assert broken in passes
+    monkeypatch.setitem(exporter_mod.FORMAT_PASSES, "int", passes)
     out = tmp_path / "bad.onnx"
     with pytest.raises(QsdError, match="parity failed"):
         export(m, out, parity_samples=16, format="int")

@@ -2,10 +2,11 @@
 
 * ``folding``: the converted model folded into plain layers (BatchNorm and IE-LIF into per-channel
   scales; integer neurons as plain ops) and each weight kept as integers x scale.
-* ``graph``: tracing, packed INT4/INT2/INT8 initializers feeding ``DequantizeLinear``, clean-up passes.
-* ``passes``: the one signature of an export pass and the runner (``qdq`` and ``std-int`` are lists of passes).
-* ``integer``/``requant``: the ``int`` format (onnxruntime's integer kernels, com.microsoft ops).
-* ``standard``: the ``std-int`` format (QDQ integer layers, standard ops: onnxruntime and OpenVINO).
+* ``graph``: tracing, packed INT4/INT2/INT8 initializers feeding ``DequantizeLinear``, clean-up helpers.
+* ``passes``: the one signature of an export pass, the context passes share, the shared passes and the
+  runner (every format is a list of passes: ``exporter.FORMAT_PASSES``).
+* ``integer``/``requant``: the ``int`` format's passes (onnxruntime's integer kernels, com.microsoft ops).
+* ``standard``: the ``std-int`` format's passes (QDQ integer layers, standard ops: onnxruntime and OpenVINO).
 * ``runtime``: the runtimes (:data:`RUNTIMES`: onnxruntime, optional OpenVINO), metadata, what ran as integers.
 * ``parity``: that check, layer by layer against PyTorch, fed the same spikes (docs/method.md §7).
 * ``exporter``: :func:`export` (``qsdcompress.export``), which ties them together and writes the

@@ -1,7 +1,9 @@
 """``export``: a model to an ONNX file with packed low-bit weights, checked against onnxruntime.
 
-The file is written only when it passes the parity contract against PyTorch on real images
-(:mod:`qsdcompress.onnx_export.parity`); ``check=False`` writes an unchecked file, marked so.
+Every format is the traced graph rewritten by a list of passes (:mod:`.passes`), each list
+written once, in order, in :data:`FORMAT_PASSES`. The file is written only when it passes the
+parity contract against PyTorch on real images (:mod:`qsdcompress.onnx_export.parity`);
+``check=False`` writes an unchecked file, marked so.
 """
 from __future__ import annotations
 
@@ -18,22 +20,28 @@ from ..data import DataConfig, model_data
 from ..errors import QsdError, one_line
 from ..io import META_KEY, atomic_path, ensure_writable_dir
 from ..provenance import package_versions
+from ..results import ExportResult
 from ..loading import resolve_source
 from ..sizing import model_size
 from ..ui import console, quiet
+from . import integer, standard
 from .folding import export_module
-from .graph import BASE_OPSET, INT2_OPSET, clean_graph, pack_graph, trace
-from .integer import finish_integer_graph, integer_module, rewrite_integer
+from .graph import BASE_OPSET, INT2_OPSET, trace
 from .parity import check_parity
-from .passes import Pass, PassContext, clean, pack_weights, run_passes
+from .passes import Pass, PassContext, clean, compact, merge_duplicates, pack_weights, run_passes, set_opsets
 from .runtime import RUNTIMES, Runtime, executed_layers, openvino_core, parity_batch, parity_runtime
-from .standard import PASSES as STD_PASSES
-from .standard import standard_module
 
 FORMATS = ("int", "qdq", "std-int")
-# the formats built by passes, each pass list in order (``int``: ``integer.py``'s rewrite)
-FORMAT_PASSES: dict[str, tuple[Pass, ...]] = {"qdq": (pack_weights, clean), "std-int": STD_PASSES}
-MODULES = {"int": integer_module, "qdq": export_module, "std-int": standard_module}
+# each format's passes, in order (docs/architecture.md says what each does)
+FORMAT_PASSES: dict[str, tuple[Pass, ...]] = {
+    "int": (clean, integer.rewrite_integer, pack_weights, integer.foldable_weights, integer.share_small_initializers,
+            merge_duplicates, integer.simplify_neurons, integer.fold_into_matmul, integer.requantize_neurons,
+            integer.fold_into_conv, compact, set_opsets),
+    "qdq": (pack_weights, clean, set_opsets),
+    "std-int": (pack_weights, clean, standard.integer_weights, standard.requantize_neurons,
+                standard.drop_unit_time_axis, merge_duplicates, compact, set_opsets),
+}
+MODULES = {"int": integer.integer_module, "qdq": export_module, "std-int": standard.standard_module}
 # formats each runtime can run: OpenVINO has no com.microsoft ops
 RUNS = {"onnxruntime": FORMATS, "openvino": ("qdq", "std-int")}
 
@@ -93,19 +101,10 @@ def _output_path(output: str | os.PathLike | None, workdir: str | os.PathLike | 
 
 
 def _graph(module: nn.Module, registry: dict, sample, opset: int, use_int2: bool, fmt: str) -> tuple[Any, dict]:
-    """Trace ``module``, then build the format: its passes (``FORMAT_PASSES``), or for ``int``
-    the spike-fed layers rewritten to integer kernels (see ``integer.py``), the rest as in ``qdq``."""
+    """Trace ``module`` (at opset 21 at most: the tracer stops there), then run the format's
+    passes (``FORMAT_PASSES``); the last one declares ``opset``."""
     proto = trace(module, sample, min(opset, BASE_OPSET))
-    if fmt in FORMAT_PASSES:
-        return proto, run_passes(proto, PassContext(registry, use_int2, opset), FORMAT_PASSES[fmt])
-    clean_graph(proto, opset)
-    info = rewrite_integer(proto, registry, use_int2)
-    counts = dict(info.pop("initializers"))
-    for k, v in pack_graph(proto, info.pop("remaining"), use_int2).items():
-        counts[k] = counts.get(k, 0) + v
-    sites = info.pop("sites")
-    info["requantized_layers"] = finish_integer_graph(proto, opset, sites)
-    return proto, {"initializers": counts, **info}
+    return proto, run_passes(proto, PassContext(registry, use_int2, opset), FORMAT_PASSES[fmt])
 
 
 def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> tuple[Any, dict]:
@@ -145,13 +144,14 @@ def build_onnx(src_model: nn.Module, source: str, cfg: ExportConfig, sample) -> 
 
 
 def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.PathLike | None = None,
-           workdir: str | os.PathLike | None = None, config: ExportConfig | None = None, **overrides: Any) -> dict:
+           workdir: str | os.PathLike | None = None, config: ExportConfig | None = None,
+           **overrides: Any) -> ExportResult:
     """Export ``model`` (module, .qsd/checkpoint path, or None = newest .qsd of ``workdir``, else the
     bundled model) to ONNX with packed low-bit weights; check it against PyTorch under ``runtime``
     (onnxruntime, or OpenVINO at f32: ``runtime.PARITY_PRECISION``).
 
-    Returns a dict with ``output``, ``file_bytes``, ``weight_bits_bytes``, ``max_abs_diff``,
-    ``top1_agreement`` and more. The file is written only when the parity check passes.
+    Returns an :class:`~qsdcompress.results.ExportResult` (``output``, ``file_bytes``, ``weight_bits_bytes``,
+    ``max_abs_diff``, ``top1_agreement`` and more). The file is written only when the parity check passes.
     """
     cfg = _resolve_config(config, overrides)
     t0 = time.perf_counter()
@@ -162,26 +162,21 @@ def export(model: nn.Module | str | os.PathLike | None = None, output: str | os.
     x = parity_batch(src_model, data, cfg.parity_samples)
     proto, facts = build_onnx(src_model, source, cfg, x[:2])
     parity = _parity(proto, src_model, x, cfg, data)
+    # from a session of the file itself: the parity sessions run it with every spike tensor as an
+    # output, which changes what a runtime fuses into integer kernels
     facts["integer_layers_executed"] = executed_layers(proto, parity_runtime(cfg.runtime))
     with atomic_path(output) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     size = model_size(src_model)
     sizes = {"weight_bits_bytes": size["size_bytes"], "quantized_weight_bytes": size["quantized_weight_bytes"]}
     file_bytes = output.stat().st_size
-    res = {
-        "output": str(output), "source": source, "file_bytes": file_bytes, **sizes,
-        "file_vs_weight_bits": round(file_bytes / max(sizes["weight_bits_bytes"], 1), 4),
-        "file_vs_quantized_weights": round(file_bytes / max(sizes["quantized_weight_bytes"], 1), 4),
-        **parity, **facts, "seconds": round(time.perf_counter() - t0, 2),
-    }
+    res = ExportResult(
+        output=str(output), source=source, file_bytes=file_bytes, **sizes,
+        file_vs_weight_bits=round(file_bytes / max(sizes["weight_bits_bytes"], 1), 4),
+        file_vs_quantized_weights=round(file_bytes / max(sizes["quantized_weight_bytes"], 1), 4),
+        parity=parity, facts=facts, seconds=round(time.perf_counter() - t0, 2))
     if not quiet():
-        check = ("NOT parity-checked (--unchecked)" if not cfg.check else
-                 f"parity checked by {parity['parity_runtime']} ({parity['parity_precision']}) on "
-                 f"{parity['parity_samples']} images of {data}: {parity['layers_checked']} layers "
-                 f"fed PyTorch's spikes, {parity['spike_flips']} flips at fragile spikes, top-1 agreement "
-                 f"{parity['top1_agreement'] * 100:.1f}%")
-        console.print(f"exported {output} ({cfg.format} format, {file_bytes:,} bytes; "
-                      f"{res['file_vs_weight_bits']:.3f}x params*bits/8); {check}")
+        console.print(res.line())
     return res
 
 

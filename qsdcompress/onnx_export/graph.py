@@ -4,12 +4,13 @@ the graph text a small fraction of the packed weights.
 The clean-up passes are our own: onnxoptimizer 0.4.2's ``eliminate_common_subexpression`` merged
 none of the traced graph's repeated shape arithmetic (2,681 nodes before and after, bundled model)
 and it refuses graphs holding INT2 initializers ("Unknown tensor data type"); these passes take
-the same graph to 929 nodes.
+the same graph to 929 nodes. onnx-ir's passes give the same graphs, but several times slower
+inside this export (docs/architecture.md, stage 4).
 """
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,10 +19,14 @@ import torch.nn as nn
 from ..errors import QsdError
 from .folding import QWeight
 
+if TYPE_CHECKING:
+    import onnx
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BASE_OPSET = 21          # INT4 DequantizeLinear; the TorchScript exporter stops at opset 20/21
 INT2_OPSET = 25          # INT2 appeared in opset 25 (onnxruntime >= 1.22 runs it)
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (the int format's integer kernels)
 
 
 def storage_bits(bits: int, int2: bool) -> int:
@@ -48,7 +53,7 @@ def packed_tensor(name: str, ints: np.ndarray, sbits: int):
     return numpy_helper.from_array(np.asarray(ints).astype(dtype), name)
 
 
-def trace(module: nn.Module, sample: torch.Tensor, opset: int) -> "onnx.ModelProto":  # noqa: F821
+def trace(module: nn.Module, sample: torch.Tensor, opset: int) -> onnx.ModelProto:
     """TorchScript export (the dynamo exporter fails on data-dependent branches), dynamic batch."""
     import warnings
 
@@ -106,6 +111,33 @@ def pack_graph(proto, registry: dict[str, QWeight], int2: bool) -> dict[str, int
     del g.node[:]
     g.node.extend(nodes)
     return counts
+
+
+def foldable_dequant(proto) -> int:
+    """``DequantizeLinear(w, scale, axis=0)`` of a weight initializer -> ``Mul(Cast(w, FLOAT),
+    scale)``: the same float weight, but onnxruntime folds Cast and Mul at load (it never folds
+    DequantizeLinear), so the float layers do not dequantize their weights on every run. The
+    file keeps the packed integers. Returns the number of nodes rewritten."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes, done = [], 0
+    for n in g.node:
+        w, s = (n.input[0], n.input[1]) if n.op_type == "DequantizeLinear" else ("", "")
+        if w not in inits or s not in inits or node_attr(n, "axis", 1) != 0 or len(n.input) > 2:
+            nodes.append(n)
+            continue
+        rank = len(inits[w].dims)
+        scale = numpy_helper.to_array(inits[s]).reshape([-1] + [1] * (rank - 1))
+        g.initializer.remove(inits[s])
+        g.initializer.append(numpy_helper.from_array(scale.astype(np.float32), s))
+        nodes.append(helper.make_node("Cast", [w], [f"{n.output[0]}_f"], to=1))
+        nodes.append(helper.make_node("Mul", [f"{n.output[0]}_f", s], [n.output[0]]))
+        done += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return done
 
 
 _FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Cast", "Reshape", "Equal", "Where",
@@ -428,11 +460,9 @@ def compact_names(proto) -> None:
     proto.doc_string = ""
 
 
-def clean_graph(proto, opset: int) -> None:
-    """Merge duplicates, fold the shape arithmetic, drop defaults and long names; set the opset
-    and the IR version that opset needs (opset 25 with INT2 needs IR 11+, onnx's table says which)."""
-    import onnx
-
+def clean_graph(proto) -> None:
+    """Merge duplicates, fold the shape arithmetic, drop defaults and long names: the traced graph's
+    text shrinks to a small fraction of the packed weights before any format rewrites it."""
     dedupe(proto)
     for _ in range(8):  # each pass makes more shapes static for the next
         before = len(proto.graph.node)
@@ -442,6 +472,3 @@ def clean_graph(proto, opset: int) -> None:
             break
     _strip_default_attributes(proto)
     compact_names(proto)
-    del proto.opset_import[:]
-    proto.opset_import.extend([onnx.helper.make_opsetid("", opset)])
-    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))

@@ -21,21 +21,27 @@ half-to-even requantization then never meets a tie: docs/method.md §7). Depthwi
 (onnxruntime's integer depthwise kernel is not faster) and layers fed by real values (pixels, the
 output of another conv) stay float; their packed weights are widened by ``Mul(Cast(w), scale)``,
 which onnxruntime folds once at load.
+
+The format is a list of passes (:mod:`.passes`; ``exporter.FORMAT_PASSES`` lists them in order):
+:func:`rewrite_integer` is the rewrite above; the passes here after it fold what it leaves
+(weights of float layers, shorter neurons, scalars into the GEMMs and convs, the requantizing
+``QLinearConv``), the shared ones clean, pack, merge, shorten names and declare the opsets.
 """
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .folding import CountingNeuron, QWeight, counting_module
-from .graph import (Peephole, compact_names, dedupe, drop_dead, constant_values, node_attr, packed_tensor,
-                    scalar_value, static_shapes, storage_bits)
+from .graph import (MS_DOMAIN, Peephole, constant_values, foldable_dequant, node_attr, packed_tensor, scalar_value,
+                    static_shapes, storage_bits)
+from .passes import PassContext
 from .requant import ConvSite, fuse_neurons
 
-MS_DOMAIN = "com.microsoft"
 # im2col by one Gather copies C bytes per index: faster than Slice+Concat for wide inputs, slower
 # for narrow ones (qsd_8_256, 2 threads: 24 channels at 112x112 4x slower at batch 1).
 GATHER_MIN_CHANNELS = 48
@@ -106,6 +112,13 @@ class _Rewriter:
         self.gemms = 0                        # MatMulIntegerToFloat nodes (q/k/v share one)
         self.counts: dict[str, int] = {}      # stored integer weights per storage type
         self._n = 0
+        self.u8: set[str] = set()              # uint8 spike tensors met so far
+        self.fused: set[str] = set()           # conv outputs already written by a shared GEMM
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.readers_of: dict[str, list] = {}  # spikes -> the integer-weight convs reading them
+        for n in self.g.node:
+            if n.op_type == "Conv" and n.input[1] in self.weight_of:
+                self.readers_of.setdefault(n.input[0], []).append(n)
 
     # -- small helpers -------------------------------------------------------------------------
     def name(self, hint: str) -> str:
@@ -447,13 +460,6 @@ class _Rewriter:
         return False
 
     def run(self) -> None:
-        self.u8: set[str] = set()
-        self.fused: set[str] = set()
-        self.readers_of: dict[str, list] = {}
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        for n in self.g.node:
-            if n.op_type == "Conv" and n.input[1] in self.weight_of:
-                self.readers_of.setdefault(n.input[0], []).append(n)
         for n in list(self.g.node):
             if not self.follow(n):
                 self.nodes.append(n)
@@ -462,14 +468,17 @@ class _Rewriter:
         self.g.initializer.extend(self.new_inits)
 
 
-def rewrite_integer(proto, registry: dict[str, QWeight], int2: bool) -> dict:
-    """Rewrite a cleaned, traced graph (see the module docstring) in place; returns what runs
-    as integers (``integer_layers``, ``integer_products``, reasons for the float layers), the
-    stored integer weights per type (``initializers``) and the registry of the layers left float
-    (``remaining``, for :func:`qsdcompress.onnx_export.graph.pack_graph`)."""
-    rw = _Rewriter(proto, registry, int2)
+def rewrite_integer(proto: Any, ctx: PassContext) -> dict:
+    """Every layer fed by spikes as an integer kernel (the module docstring), on the cleaned,
+    traced graph. Reports what runs as integers (``integer_layers``, ``integer_products``,
+    reasons for the float layers) and the stored integer weights per type (``initializers``);
+    leaves which layers it took (``ctx.rewritten``: ``pack_weights`` packs the rest) and the
+    convs a neuron may join (``ctx.sites``: :func:`requantize_neurons`)."""
+    rw = _Rewriter(proto, ctx.registry, ctx.int2)
     rw.run()
-    quantized = [p for p, qw in registry.items() if qw.ints is not None]
+    ctx.rewritten.update(rw.done)
+    ctx.sites.update(rw.sites)
+    quantized = [p for p, qw in ctx.registry.items() if qw.ints is not None]
     float_layers = {p: rw.skipped.get(p, "real-valued input (pixels or another layer's output)")
                     for p in quantized if p not in rw.done}
     kinds: dict[str, int] = {}
@@ -478,40 +487,19 @@ def rewrite_integer(proto, registry: dict[str, QWeight], int2: bool) -> dict:
     reasons: dict[str, int] = {}
     for why in float_layers.values():
         reasons[why] = reasons.get(why, 0) + 1
-    return {"integer_layers": len(rw.done), "integer_gemms": rw.gemms, "weight_layers": len(registry),
-            "integer_products": rw.products,
-            "integer_kinds": kinds, "float_layer_reasons": reasons, "initializers": rw.counts,
-            "remaining": {p: qw for p, qw in registry.items() if p not in rw.done}, "sites": rw.sites}
+    return {"initializers": ctx.count_packed(rw.counts), "integer_layers": len(rw.done), "integer_gemms": rw.gemms,
+            "weight_layers": len(ctx.registry), "integer_products": rw.products, "integer_kinds": kinds,
+            "float_layer_reasons": reasons}
 
 
-def foldable_dequant(proto) -> int:
-    """``DequantizeLinear(w, scale, axis=0)`` of a weight initializer -> ``Mul(Cast(w, FLOAT),
-    scale)``: the same float weight, but onnxruntime folds Cast and Mul at load (it never folds
-    DequantizeLinear), so the float layers do not dequantize their weights on every run. The
-    file keeps the packed integers. Returns the number of nodes rewritten."""
-    from onnx import helper, numpy_helper
-
-    g = proto.graph
-    inits = {t.name: t for t in g.initializer}
-    nodes, done = [], 0
-    for n in g.node:
-        w, s = (n.input[0], n.input[1]) if n.op_type == "DequantizeLinear" else ("", "")
-        if w not in inits or s not in inits or node_attr(n, "axis", 1) != 0 or len(n.input) > 2:
-            nodes.append(n)
-            continue
-        rank = len(inits[w].dims)
-        scale = numpy_helper.to_array(inits[s]).reshape([-1] + [1] * (rank - 1))
-        g.initializer.remove(inits[s])
-        g.initializer.append(numpy_helper.from_array(scale.astype(np.float32), s))
-        nodes.append(helper.make_node("Cast", [w], [f"{n.output[0]}_f"], to=1))
-        nodes.append(helper.make_node("Mul", [f"{n.output[0]}_f", s], [n.output[0]]))
-        done += 1
-    del g.node[:]
-    g.node.extend(nodes)
-    return done
+def foldable_weights(proto: Any, ctx: PassContext) -> dict:
+    """The float layers' packed weights as ``Mul(Cast(w), scale)`` (``graph.foldable_dequant``):
+    onnxruntime folds that once at load and never folds a ``DequantizeLinear``."""
+    foldable_dequant(proto)
+    return {}
 
 
-def _share_small_initializers(proto, max_bytes: int = 64) -> None:
+def share_small_initializers(proto: Any, ctx: PassContext, max_bytes: int = 64) -> dict:
     """One initializer per distinct small constant (the im2col offsets, steps and scalar scales
     repeat in every layer); the graph text stays small beside the packed weights."""
     g = proto.graph
@@ -530,13 +518,14 @@ def _share_small_initializers(proto, max_bytes: int = 64) -> None:
     g.initializer.extend(kept)
     for n in g.node:
         n.input[:] = [alias.get(i, i) for i in n.input]
+    return {}
 
 
-def simplify_neurons(proto) -> int:
+def simplify_neurons(proto: Any, ctx: PassContext) -> dict:
     """``Cast(Floor(Clip(v, 0, D) + 0.5), UINT8)`` -> ``Cast(Clip(v + 0.5, 0, D), UINT8)``: the same
     spike count with one pass less. For v in [0, D] both add 0.5 to the same value; ONNX's Cast to
     an integer type truncates, which is floor on [0, D]; below 0 or above D both give 0 or D (§1:
-    still half up). Returns the number of neurons rewritten."""
+    still half up)."""
     pp = Peephole(proto)
     done = 0
     for cast in pp.g.node:
@@ -560,13 +549,13 @@ def simplify_neurons(proto) -> int:
         add.input[:] = [clip.output[0], lo, hi]
         cast.input[0] = add.output[0]
         done += 1
-    return done
+    return {}
 
 
-def fold_into_matmul(proto) -> int:
+def fold_into_matmul(proto: Any, ctx: PassContext) -> dict:
     """``MatMulIntegerToFloat`` followed by ``* c`` or ``+ c`` (a scalar; the neuron's D and 0.5)
     that alone reads its output: folded into its per-channel scale and bias, one pass less over
-    the activations. Returns the number of folded nodes."""
+    the activations."""
     from onnx import numpy_helper
 
     pp = Peephole(proto)
@@ -601,7 +590,7 @@ def fold_into_matmul(proto) -> int:
         drop.add(k)
         done += 1
     _remove_nodes(pp.g, drop)
-    return done
+    return {}
 
 
 def _remove_nodes(g, positions: set[int]) -> None:
@@ -610,10 +599,10 @@ def _remove_nodes(g, positions: set[int]) -> None:
     g.node.extend(kept)
 
 
-def fold_into_conv(proto) -> int:
+def fold_into_conv(proto: Any, ctx: PassContext) -> dict:
     """``Conv(x * c, W)`` with a scalar ``c`` (the neuron's output scale before a float conv) ->
     ``Conv(x, W * c)``: the weights are ``Cast(w) * scale`` of the packed integers, folded once
-    at load, so ``c`` joins ``scale`` and the activations skip one pass. Returns the count."""
+    at load, so ``c`` joins ``scale`` and the activations skip one pass."""
     from onnx import numpy_helper
 
     pp = Peephole(proto)
@@ -638,32 +627,15 @@ def fold_into_conv(proto) -> int:
         drop.add(position[mul.output[0]])
         done += 1
     _remove_nodes(pp.g, drop)
-    return done
+    return {}
 
 
-def finish_integer_graph(proto, opset: int, sites: dict[str, ConvSite] | None = None) -> int:
-    """After the rewrite: drop what the integer layers replaced, merge duplicates (the q/k/v
-    branches read the same spikes), shorter neurons folded into the integer layers before them
-    (and into a requantizing ``QLinearConv`` where exact: ``requant.py``), short names, and the
-    opsets (standard + com.microsoft). Returns the number of layers that write uint8 spikes."""
-    import onnx
-
-    foldable_dequant(proto)
-    _share_small_initializers(proto)
-    drop_dead(proto)
-    alias: dict[str, str] = {}
-    dedupe(proto, alias)
-    drop_dead(proto)
-    simplify_neurons(proto)
-    fold_into_matmul(proto)
-    fused = fuse_neurons(proto, sites or {}, alias)
-    fold_into_conv(proto)
-    drop_dead(proto)
-    compact_names(proto)
-    del proto.opset_import[:]
-    proto.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS_DOMAIN, 1)])
-    proto.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
-    return fused
+def requantize_neurons(proto: Any, ctx: PassContext) -> dict:
+    """A neuron after an integer conv (``ctx.sites``, names as ``ctx.alias`` merged them) joins it
+    in one ``QLinearConv`` that writes the uint8 counts, where exact parameters exist
+    (:func:`.requant.fuse_neurons`). Reports how many layers write uint8 spikes."""
+    return {"requantized_layers": fuse_neurons(proto, ctx.sites, ctx.alias)}
 
 
-__all__ = ["IntExportNeuron", "integer_module", "rewrite_integer", "finish_integer_graph", "MS_DOMAIN"]
+__all__ = ["IntExportNeuron", "integer_module", "rewrite_integer", "foldable_weights", "share_small_initializers",
+           "simplify_neurons", "fold_into_matmul", "requantize_neurons", "fold_into_conv", "MS_DOMAIN"]

@@ -19,6 +19,7 @@ some channel has none keeps the unfused form.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -203,13 +204,65 @@ def _qlinear_conv(pp: Peephole, site: ConvSite, r: Requant, out: str, tag: str) 
     return nodes
 
 
-def fuse_neurons(proto, sites: dict[str, ConvSite], alias: dict[str, str]) -> int:
+def _neuron_on_gemm(pp: Peephole, clip: Any, sites: dict[str, ConvSite], have: set[str]) -> tuple | None:
+    """For ``Clip(v, 0, D)`` whose value is read only as uint8 counts (``Cast``) or float counts
+    (``Floor``), over a ``MatMulIntegerToFloat`` of a recorded conv (through reshapes) with
+    constant scales and bias: ``(gemm, site, v, D, casts, floors)``; else None."""
+    if clip.op_type != "Clip" or len(clip.input) != 3 or pp.scalar(clip.input[1]) != 0.0 \
+            or pp.scalar(clip.input[2]) is None:
+        return None
+    outs = pp.consumers.get(clip.output[0], [])
+    casts = [n for n in outs if n.op_type == "Cast" and node_attr(n, "to", 0) == 2]
+    floors = [n for n in outs if n.op_type == "Floor"]
+    if not casts or len(casts) + len(floors) != len(outs) or pp.readers.get(clip.output[0]) != len(outs):
+        return None
+    levels = pp.scalar(clip.input[2])
+    v = clip.input[0]
+    while pp.only_reader(v, "Reshape"):
+        v = pp.producer[v].input[0]
+    mm = pp.only_reader(v, "MatMulIntegerToFloat")
+    site = sites.get(mm.input[1]) if mm is not None else None
+    if mm is None or site is None or levels != int(levels) or site.x not in have:
+        return None
+    if len(mm.input) < 4 or any(i not in pp.inits for i in mm.input[2:4]) or (
+            len(mm.input) > 6 and mm.input[6] and mm.input[6] not in pp.inits):
+        return None
+    return mm, site, v, int(levels), casts, floors
+
+
+def _gemm_requant(pp: Peephole, mm: Any, site: ConvSite, levels: int) -> Requant | None:
+    """The ``QLinearConv`` parameters of the neuron ``clip(floor(A*acc + B), 0, D)`` that the
+    GEMM's scales and bias (the neuron's D and 0.5 folded in) describe, when they exist."""
+    from onnx import numpy_helper
+
+    arr = lambda name: numpy_helper.to_array(pp.inits[name]).astype(np.float32)  # noqa: E731
+    scale = arr(mm.input[3]).reshape(-1)
+    A = (np.float32(arr(mm.input[2]).reshape(-1)[0]) * scale).astype(np.float32)
+    B = arr(mm.input[6]).reshape(-1) if len(mm.input) > 6 and mm.input[6] else np.zeros_like(A)
+    return requant_params(site.ints, A, B, levels, site.in_max)
+
+
+def _counts_from(pp: Peephole, clip: Any, levels: int, casts: list, floors: list) -> str:
+    """``clip`` becomes ``Min(counts, D)`` on uint8 and writes the first Cast's tensor; the Floors
+    read those counts cast back to float. Returns that tensor."""
+    from onnx import helper
+
+    u8 = casts[0].output[0]
+    clip.op_type = "Min"
+    clip.input[:] = [clip.input[0], pp.shared_init(np.array(levels), f"rq_levels{levels}", np.uint8)]
+    clip.output[0] = u8
+    for f in floors:   # float counts: the uint8 counts cast back
+        f.op_type = "Cast"
+        f.input[:] = [u8]
+        f.attribute.append(helper.make_attribute("to", 1))
+    return u8
+
+
+def fuse_neurons(proto: Any, sites: dict[str, ConvSite], alias: dict[str, str]) -> int:
     """``Cast(Clip(MatMulIntegerToFloat(...), 0, D), UINT8)`` over a conv recorded in ``sites``
     (keyed by the integer weight tensor the GEMM reads: folds rename the GEMM's output, not that)
     -> ``Min(QLinearConv(...), D)`` with uint8 out, where :func:`requant_params` finds exact
     parameters (module docstring). Returns the number of layers fused."""
-    from onnx import helper, numpy_helper
-
     pp = Peephole(proto)
     # names as they are after the merges of duplicate nodes
     sites = {_resolve(w, alias): replace(site, x=_resolve(site.x, alias)) for w, site in sites.items()}
@@ -219,45 +272,16 @@ def fuse_neurons(proto, sites: dict[str, ConvSite], alias: dict[str, str]) -> in
     position = {id(n): k for k, n in enumerate(pp.g.node)}
     rename: dict[str, str] = {}
     for clip in list(pp.g.node):
-        if clip.op_type != "Clip" or len(clip.input) != 3 or pp.scalar(clip.input[1]) != 0.0 \
-                or pp.scalar(clip.input[2]) is None:
+        found = _neuron_on_gemm(pp, clip, sites, have)
+        r = found and _gemm_requant(pp, found[0], found[1], found[3])
+        if not found or r is None:
             continue
-        # the clipped value is read as uint8 counts (Cast) or as float counts (Floor) only
-        outs = pp.consumers.get(clip.output[0], [])
-        casts = [n for n in outs if n.op_type == "Cast" and node_attr(n, "to", 0) == 2]
-        floors = [n for n in outs if n.op_type == "Floor"]
-        if not casts or len(casts) + len(floors) != len(outs) or pp.readers.get(clip.output[0]) != len(outs):
-            continue
-        levels = pp.scalar(clip.input[2])
-        v = clip.input[0]
-        while pp.only_reader(v, "Reshape"):
-            v = pp.producer[v].input[0]
-        mm = pp.only_reader(v, "MatMulIntegerToFloat")
-        site = sites.get(mm.input[1]) if mm is not None else None
-        if mm is None or site is None or levels != int(levels) or site.x not in have:
-            continue
-        if len(mm.input) < 4 or any(i not in pp.inits for i in mm.input[2:4]) or (
-                len(mm.input) > 6 and mm.input[6] and mm.input[6] not in pp.inits):
-            continue
-        arr = lambda name: numpy_helper.to_array(pp.inits[name]).astype(np.float32)  # noqa: E731
-        scale = arr(mm.input[3]).reshape(-1)
-        A = (np.float32(arr(mm.input[2]).reshape(-1)[0]) * scale).astype(np.float32)
-        B = arr(mm.input[6]).reshape(-1) if len(mm.input) > 6 and mm.input[6] else np.zeros_like(A)
-        r = requant_params(site.ints, A, B, int(levels), site.in_max)
-        if r is None:
-            continue
+        mm, site, v, levels, casts, floors = found
         fused[position[id(mm)]] = _qlinear_conv(pp, site, r, v, f"{v}_rq")
-        u8 = casts[0].output[0]
-        clip.op_type = "Min"
-        clip.input[:] = [clip.input[0], pp.shared_init(np.array(int(levels)), f"rq_levels{int(levels)}", np.uint8)]
-        clip.output[0] = u8
+        u8 = _counts_from(pp, clip, levels, casts, floors)
         for c in casts:
             drop.add(position[id(c)])
             rename[c.output[0]] = u8
-        for f in floors:   # float counts: the uint8 counts cast back
-            f.op_type = "Cast"
-            f.input[:] = [u8]
-            f.attribute.append(helper.make_attribute("to", 1))
     nodes = []
     for k, n in enumerate(pp.g.node):
         if k in fused:

@@ -11,17 +11,16 @@ The weights stay packed INT4/INT2 in the file; a ``Cast`` to INT8 before their
 kernels: measured, an INT4 ``DequantizeLinear`` runs as a bf16/f32 conv in OpenVINO). No
 ``com.microsoft`` op is written.
 
-The graph is built by the passes :data:`PASSES` lists, in that order (:mod:`.passes`):
+The format's own passes (:mod:`.passes`; ``exporter.FORMAT_PASSES`` lists the order, after the
+shared ``pack_weights`` and ``clean``, before the shared ``merge_duplicates``, ``compact`` and
+``set_opsets``):
 
-1. ``pack_weights``: packed INT4/INT2/INT8 weights feeding ``DequantizeLinear``;
-2. ``clean``: duplicates merged, shape arithmetic folded, short names;
-3. ``integer_weights``: a ``Cast(INT8)`` before the weights of layers fed by spikes, the others'
-   weights as ``Mul(Cast(w), scale)``;
-4. ``requantize_neurons``: a neuron after a dense conv fed by spikes joins it through a
-   ``QuantizeLinear`` (an integer conv that writes the counts: ``QLinearConv`` in onnxruntime);
-5. ``drop_unit_time_axis``: at T = 1, the Reshapes that only add and remove the time axis around
-   elementwise ops go (the runtimes then keep channels-last layouts between integer convs);
-6. ``finish``: dead nodes dropped, duplicates merged, names shortened, the standard opset only.
+* ``integer_weights``: a ``Cast(INT8)`` before the weights of layers fed by spikes, the others'
+  weights as ``Mul(Cast(w), scale)``;
+* ``requantize_neurons``: a neuron after a dense conv fed by spikes joins it through a
+  ``QuantizeLinear`` (an integer conv that writes the counts: ``QLinearConv`` in onnxruntime);
+* ``drop_unit_time_axis``: at T = 1, the Reshapes that only add and remove the time axis around
+  elementwise ops go (the runtimes then keep channels-last layouts between integer convs).
 """
 from __future__ import annotations
 
@@ -33,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from .folding import CountingNeuron, QWeight, counting_module
-from .graph import Peephole, compact_names, dedupe, drop_dead, node_attr, static_shapes
-from .passes import Pass, PassContext, clean, pack_weights
+from .graph import Peephole, drop_dead, foldable_dequant, node_attr, static_shapes
+from .passes import PassContext
 from .requant import Requant, requant_params
 
 FORMAT = "std-int"
@@ -107,11 +106,9 @@ def integer_weights(proto: Any, ctx: PassContext) -> dict:
     """Layers fed by spikes read their packed weights through ``Cast(INT8)`` then
     ``DequantizeLinear``: the QDQ pattern runtimes turn into integer kernels (they take int8
     weights only; the Cast is folded at load). The other layers' weights become
-    ``Mul(Cast(w, FLOAT), scale)`` (``integer.foldable_dequant``): onnxruntime folds that once
+    ``Mul(Cast(w, FLOAT), scale)`` (``graph.foldable_dequant``): onnxruntime folds that once
     at load and never folds a ``DequantizeLinear``."""
     from onnx import helper
-
-    from .integer import foldable_dequant
 
     pp = Peephole(proto)
     casts: dict[int, Any] = {}   # DequantizeLinear node -> the Cast written before it
@@ -366,22 +363,5 @@ def drop_unit_time_axis(proto: Any, ctx: PassContext) -> dict:
     return {"time_axes_dropped": len(alias), "reshapes_dropped": len(alias) + len(noop)}
 
 
-def finish(proto: Any, ctx: PassContext) -> dict:
-    """Dead nodes dropped, duplicates merged, short names, the standard opset only."""
-    import onnx
-
-    drop_dead(proto)
-    dedupe(proto)
-    drop_dead(proto)
-    compact_names(proto)
-    del proto.opset_import[:]
-    proto.opset_import.extend([onnx.helper.make_opsetid("", ctx.opset)])
-    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
-    return {}
-
-
-PASSES: tuple[Pass, ...] = (pack_weights, clean, integer_weights, requantize_neurons, drop_unit_time_axis, finish)
-
-
-__all__ = ["FORMAT", "PASSES", "StdExportNeuron", "standard_module", "integer_weights", "requantize_neurons",
-           "drop_unit_time_axis", "finish"]
+__all__ = ["FORMAT", "StdExportNeuron", "standard_module", "integer_weights", "requantize_neurons",
+           "drop_unit_time_axis"]
