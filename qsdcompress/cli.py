@@ -538,22 +538,22 @@ def report_cmd(model: str | None, data: str | None, split: str, batches: int, ba
       qsdcompress report --energy-table my_energy.yaml --json
     """
     from .io import atomic_write_text
-    from .reporting import plot, render, report, show
+    from .reporting import plot, render, report
     from .reporting.render import show_totals
     from .ui import console
 
     r = report(model, workdir=workdir, data=data, split=split, batches=batches, batch_size=batch_size,
                energy_table=energy_table, compare_float=not no_float, device=device)
     if plot_dir is not None:
-        r["plots"] = plot(r, plot_dir)
+        r.plots = plot(r, plot_dir)
     if output is not None:
         atomic_write_text(output, render(r, fmt))
-        r["output"] = str(output)
+        r.output = str(output)
     if as_json:
         emit(r, True)
     elif output is None:
         if fmt == "table":
-            show(r)
+            r.render()
         else:
             click.echo(render(r, fmt), nl=False)
     else:

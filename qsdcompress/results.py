@@ -3,7 +3,9 @@ table (``render``, on stderr) and as JSON (``to_json``, what ``--json`` prints).
 
 A result also reads like the dict the API returned before (``r["top1"]``, ``r.get("plan")``,
 ``{**r}``), so scripts keep working; fields marked ``flatten`` (an export's graph facts, a
-sensitivity table) contribute their keys at the top level, as they always did.
+sensitivity table) contribute their keys at the top level, as they always did, and ``optional``
+ones are left out while unset. The report's result (``reporting.render.ReportResult``) lives
+beside the tables that render it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ def flat(default: Any = None) -> Any:
     return field(default_factory=lambda: dict(default or {}), metadata={"flatten": True})
 
 
+def optional(key: str | None = None) -> Any:
+    """A field left out of the dict while None; ``key``: its name there, where that is no identifier
+    a field may take (the report's ``float``)."""
+    return field(default=None, metadata={"optional": True, "key": key})
+
+
 @dataclass
 class Result(Mapping):
     """Base of the results: dict-style reading, JSON, and a table on stderr."""
@@ -44,8 +52,8 @@ class Result(Mapping):
             value = getattr(self, f.name)
             if f.metadata.get("flatten"):
                 out.update(value)
-            else:
-                out[f.name] = value
+            elif value is not None or not f.metadata.get("optional"):
+                out[f.metadata.get("key") or f.name] = value
         return out
 
     def to_json(self) -> str:
@@ -368,5 +376,5 @@ class ModelList(Result):
         console.print(t)
 
 
-__all__ = ["Result", "EvalResult", "ConvertResult", "FinetuneResult", "ExportResult", "SensitivityResult",
+__all__ = ["Result", "optional", "EvalResult", "ConvertResult", "FinetuneResult", "ExportResult", "SensitivityResult",
            "DemoResult", "ModelList", "json_default", "nbytes"]

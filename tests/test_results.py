@@ -100,3 +100,14 @@ def test_every_result_class_has_its_own_renderer():
 
 def test_sizes_print_in_units_of_1e6_bytes():
     assert nbytes(954_056) == "954.1 kB" and nbytes(2_500_000) == "2.50 MB" and nbytes(None) == "-"
+
+
+def test_optional_fields_are_left_out_while_unset_and_keep_their_key():
+    from qsdcompress.reporting import ReportResult
+
+    r = ReportResult(model="m", arch=None, data="digits", split="test", T=1, totals={"energy_mj": 1.0}, layers=[],
+                     stages=[], neurons=[], energy_table={})
+    assert "float" not in r and "vs_float" not in r and "plots" not in r.to_dict()
+    r.float_model, r.vs_float = {"what": "float weights"}, {"energy_ratio": 2.0}
+    assert r["float"]["what"] == "float weights" and "float_model" not in r
+    assert json.loads(r.to_json())["vs_float"] == {"energy_ratio": 2.0}

@@ -30,7 +30,7 @@ from ..zoo import of_file
 from .accounting import collect, energy_by_stage, layer_rows, neuron_rows, totals
 from .energy import ENERGY_SOURCE, EnergyTable
 from .plots import plot
-from .render import layers_frame, render, show
+from .render import ReportResult, layers_frame, render, show
 
 
 def _float_source(model: nn.Module) -> tuple[nn.Module | None, str, str | None]:
@@ -131,7 +131,7 @@ def _first_batches(loader: Iterable, n: int, keep: list, device: torch.device) -
 def report(model: nn.Module | str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
            data: str | None = None, split: str = "test", batches: int = 4, batch_size: int = 64,
            energy_table: EnergyTable | str | os.PathLike | None = None, compare_float: bool = True,
-           onnx_path: str | os.PathLike | None = None, device: str = "auto") -> dict:
+           onnx_path: str | os.PathLike | None = None, device: str = "auto") -> ReportResult:
     """Size, spikes and energy of ``model`` (module, path, or None = newest .qsd of ``workdir``,
     else the bundled model of ``data``) on ``data`` (default: the model's own), with the float
     model as comparison row when known."""
@@ -154,15 +154,15 @@ def report(model: nn.Module | str | os.PathLike | None = None, workdir: str | os
         st = collect(m, _first_batches(loader, n, images, dev), on_batch=steps.batches("spikes", n))
         rows = layer_rows(m, st, table)
         tot = {**totals(m, rows, st), **_onnx_size(onnx_path, workdir)}
-        result: dict[str, Any] = {"model": source, "arch": getattr(m, "arch", None), "data": data, "split": split,
-                                  "T": int(getattr(m, "T", 1)), "totals": tot, "layers": rows,
-                                  "stages": energy_by_stage(rows), "neurons": neuron_rows(st, m),
-                                  "energy_table": table.to_dict()}
+        result = ReportResult(model=source, arch=getattr(m, "arch", None), data=data, split=split,
+                              T=int(getattr(m, "T", 1)), totals=tot, layers=rows, stages=energy_by_stage(rows),
+                              neurons=neuron_rows(st, m), energy_table=table.to_dict())
         steps.done("float model" if compare_float else "done")
         if compare_float:
-            result.update(_float_comparison(m, st, images, table, tot, steps))
+            compared = _float_comparison(m, st, images, table, tot, steps)
+            result.float_model, result.vs_float = compared["float"], compared["vs_float"]
     return result
 
 
-__all__ = ["EnergyTable", "report", "render", "show", "plot", "layers_frame", "collect", "layer_rows",
+__all__ = ["EnergyTable", "ReportResult", "report", "render", "show", "plot", "layers_frame", "collect", "layer_rows",
            "neuron_rows", "totals", "energy_by_stage", "ENERGY_SOURCE"]

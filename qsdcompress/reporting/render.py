@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import QsdError
+from ..results import Result, optional
 from ..ui import console, short_name
 
 def layers_frame(result: dict):
@@ -50,7 +52,7 @@ def render(result: dict, fmt: str = "table") -> str:
     """The report as text in ``table`` (plain), ``csv``, ``json`` or ``markdown``."""
     df = layers_frame(result)
     if fmt == "json":
-        return json.dumps(result, default=_jsonable, indent=1)
+        return json.dumps(dict(result), default=_jsonable, indent=1)
     if fmt == "csv":
         head = "".join(f"# {k}: {v}\n" for k, v in _totals_lines(result))
         head += "".join(f"# energy table: {line}\n" for line in _energy_lines(result))
@@ -211,4 +213,28 @@ def show(result: dict, out=None) -> None:
     show_totals(result, out)
 
 
-__all__ = ["layers_frame", "render", "show", "show_totals", "compact", "short_name", "short_path"]
+@dataclass
+class ReportResult(Result):
+    """Size, spikes and energy of one model (``report``); rendered by :func:`show` (tables) and
+    :func:`render` (text formats)."""
+
+    model: str
+    arch: str | None
+    data: str
+    split: str
+    T: int
+    totals: dict                       # per image: size, SOPs, MACs, energy (and the ONNX file's size)
+    layers: list                       # accounting.layer_rows
+    stages: list                       # accounting.energy_by_stage
+    neurons: list                      # accounting.neuron_rows
+    energy_table: dict
+    float_model: dict | None = optional("float")   # the float model's totals, when compared
+    vs_float: dict | None = optional()
+    plots: list | None = optional()
+    output: str | None = optional()
+
+    def render(self) -> None:
+        show(self)
+
+
+__all__ = ["ReportResult", "layers_frame", "render", "show", "show_totals", "compact", "short_name", "short_path"]
