@@ -125,21 +125,23 @@ def convert_summary(model: nn.Module) -> dict:
 
 
 def _top1_before_after(float_model: nn.Module, converted: nn.Module, data: str | None, device: Any = "cpu"
-                       ) -> tuple[float | None, float | None, str | None]:
-    """Test top-1 of both models on ``data`` when its classes are the model's; else ``(None, None, why)``."""
+                       ) -> tuple[float | None, float | None, str | None, int | None]:
+    """Test top-1 of both models on ``data`` when its classes are the model's, and the number of
+    images; else ``(None, None, why, None)``."""
     if not data:
         return None, None, ("no data of the model's own is known (a reference checkpoint records none): top-1 "
-                            "not measured; pass --data with its test images")
+                            "not measured; pass --data with its test images"), None
     try:
         loader = build_loader(data, "test", DataConfig.from_model(converted), batch_size=128,
                               num_classes=converted.num_classes)
     except QsdError as e:
-        return None, None, f"top-1 not measured: {e}"
+        return None, None, f"top-1 not measured: {e}", None
     foreign = foreign_data_reason(converted, data, loader)
     if foreign or num_classes_of(loader.dataset) is None:
-        return None, None, f"top-1 not measured: {foreign or f'{data} has no class labels'}"
-    return (evaluate(float_model, loader, device, description="eval float")["top1"],
-            evaluate(converted, loader, device, description="eval converted")["top1"], None)
+        return None, None, f"top-1 not measured: {foreign or f'{data} has no class labels'}", None
+    before = evaluate(float_model, loader, device, description="eval float")
+    after = evaluate(converted, loader, device, description="eval converted")
+    return before["top1"], after["top1"], None, after["samples"]
 
 
 def run_convert(model: str | os.PathLike | nn.Module | None = None, config: QuantConfig | None = None,
@@ -173,10 +175,11 @@ def run_convert(model: str | os.PathLike | nn.Module | None = None, config: Quan
     if data:
         converted.qsd_meta = {**(getattr(converted, "qsd_meta", None) or {}), "data": data}
     save(converted, out_path, kind="converted", keep_float=keep_float)
-    before, after, note = (_top1_before_after(float_model, converted, data, dev) if evaluate_top1
-                           else (None, None, "top-1 not measured (--no-eval)"))
+    before, after, note, images = (_top1_before_after(float_model, converted, data, dev) if evaluate_top1
+                                   else (None, None, "top-1 not measured (--no-eval)", None))
     return ConvertResult(output=str(out_path), arch=getattr(converted, "arch", None), top1_before=before,
                          top1_after=after, top1_data=data if before is not None else None, top1_note=note,
+                         top1_images=images,
                          calibration=dict(converted.qsd_quant_meta.get("calibration") or {}),
                          config=config.to_dict(), summary=convert_summary(converted),
                          source=converted.qsd_quant_meta.get("source", {}), convert_seconds=round(seconds, 2),
@@ -259,6 +262,7 @@ def demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, bits: int = 4, teacher: s
             "finetuned": (ft.get("val_top1"), ft.get("val_loss"))}
     onnx_eval = run_eval(str(ex["output"]), data=data)
     stages["report"] = {"seconds": round(time.perf_counter() - t, 1)}
+    stages["images"] = {"val": ft.get("val_images"), "test": onnx_eval["samples"]}
 
     rows = {
         "float": _row(tops["float"], reps["float"], what=f"bundled {float_model.arch}, float32 weights"),

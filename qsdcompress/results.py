@@ -140,6 +140,7 @@ class ConvertResult(Result):
     top1_after: float | None
     top1_data: str | None
     top1_note: str | None
+    top1_images: int | None            # test images behind top1_before/top1_after
     calibration: dict
     config: dict
     summary: dict = flat()            # pipeline.convert_summary: layers per width, IE-LIF, sizes
@@ -159,7 +160,8 @@ class ConvertResult(Result):
                                        f"{s['float_size_bytes'] / 1e6:.3f} MB)"),
                 ("size (paper convention)", f"{s['size_mb_paper']} MB vs {s['float_size_mb_paper']} MB")]
         if self.top1_before is not None:
-            rows.append((f"top-1 on {self.top1_data} test", f"{_pct(self.top1_before)} -> {_pct(self.top1_after)}"))
+            rows.append((f"top-1 on {self.top1_images} {self.top1_data} test images",
+                         f"{_pct(self.top1_before)} -> {_pct(self.top1_after)}"))
         rows.append(("calibration", f"{cal.get('samples', 0)} images of {cal.get('data') or '-'}"
                      + (", BatchNorm re-estimated" if cal.get("batchnorm_reestimated") else "")))
         rows.append(("time", f"{self.convert_seconds} s"))
@@ -205,6 +207,8 @@ class FinetuneResult(Result):
     val_top1: float
     val_top5: float
     val_loss: float
+    val_images: int | None             # how many images each figure is measured on
+    test_images: int
     input_val_top1: float | None
     input_val_loss: float | None
     best_epoch: int
@@ -230,8 +234,9 @@ class FinetuneResult(Result):
         console.print(t)
         kept = ("the input model (no epoch beat it on validation)" if self.kept == "input"
                 else f"epoch {self.best_epoch} ({self.kept})")
-        console.print(f"kept {kept}: val top-1 {_pct(self.val_top1)}, test top-1 {_pct(self.top1)} "
-                      f"in {self.seconds:.0f}s; metrics: {self.metrics_csv}")
+        console.print(f"kept {kept}: val top-1 {_pct(self.val_top1)} ({self.val_images} images), test top-1 "
+                      f"{_pct(self.top1)} ({self.test_images} images) in {self.seconds:.0f}s; metrics: "
+                      f"{self.metrics_csv}")
 
 
 @dataclass
@@ -350,8 +355,10 @@ class DemoResult(Result):
         console.print(t)
         for name, r in self.rows.items():
             console.print(f"  [dim]{name}: {r['what']}[/]")
-        console.print("  [dim]val: the held-out part of the training data finetune chooses on (higher top-1, ties "
-                      "broken by lower loss; never worse than its input there); test: measured once[/]")
+        images = self.stages.get("images") or {}
+        console.print(f"  [dim]val: the {images.get('val', '?')} held-out training images finetune chooses on "
+                      f"(higher top-1, ties broken by lower loss; never worse than its input there); test: the "
+                      f"{images.get('test', '?')} test images, measured once[/]")
         if self.energy_table:
             console.print(f"  [dim]energy per image, {self.energy_table.get('source', '45 nm convention')}[/]")
 

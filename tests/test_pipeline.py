@@ -48,7 +48,7 @@ def _demo_result():
                energy_mj=0.006312345, energy_x=6.12, what="W4 after convert")
     return DemoResult(data="fashion-mnist", bits=4, seconds=41.0, workdir="qsdcompress-out", teacher="ann",
                       rows={"float": {**row, "val_top1": None, "size_x": 1.0}, "converted": row, "finetuned": row,
-                            "onnx": row})
+                            "onnx": row}, stages={"images": {"val": 5000, "test": 10000}})
 
 
 @pytest.mark.parametrize("width", [120, 60])
@@ -71,6 +71,8 @@ def test_demo_table_never_cuts_a_number(monkeypatch, width):
     columns = ["".join(row[i].strip() for row in cells) for i in range(len(cells[0]))]
     for figure in ("finetuned", "91.72%", "91.46%", "954.1kB", "7.0x", "4.14e+07", "0.006312", "6.1x"):
         assert any(figure in col.replace(" ", "") for col in columns), figure
+    flat = " ".join(text.split())
+    assert "the 5000 held-out training images" in flat and "the 10000 test images" in flat
 
 
 def test_console_is_wide_when_not_a_terminal(monkeypatch):

@@ -85,11 +85,13 @@ def test_convert_and_list_render(shown):
                "neurons_replaced": 6, "parameters": 910, "size_bytes": 490, "float_size_bytes": 3640,
                "compression": 7.4, "size_mb_paper": 0.0, "float_size_mb_paper": 0.0}
     ConvertResult(output="c.qsd", arch="qsd_tiny", top1_before=0.9, top1_after=0.89, top1_data="digits",
-                  top1_note=None, calibration={"samples": 64, "data": "digits"}, config={}, summary=summary).render()
+                  top1_images=360, top1_note=None, calibration={"samples": 64, "data": "digits"}, config={},
+                  summary=summary).render()
     ModelList(models=[{"name": "qsd_x", "kind": "snn", "data": "digits", "description": "d", "installed": False,
                        "trained_by": "python train.py", "test_top1": None}]).render()
     text = shown.getvalue()
     assert "float32" in text and "90.00% -> 89.00%" in text and "64 images of digits" in text
+    assert "top-1 on 360 digits test images" in text
     assert "not installed: python train.py" in text
 
 

@@ -420,7 +420,7 @@ def validate(run: Run, epoch: int) -> dict:
     with SpikeRecorder(run.student, histograms=qkv_neurons(run.student)) as rec:
         r = evaluate(run.student, run.val_loader, run.dist.device, description=f"eval epoch {epoch + 1}",
                      max_batches=cfg.eval_max_batches)
-    out = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "source": "model",
+    out = {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"], "samples": r["samples"], "source": "model",
            "spikes": spike_statistics(run.student, rec), "ie_lif_blend": blend}
     if run.ema is not None:
         re = evaluate(run.ema.module, run.val_loader, run.dist.device, description=f"eval EMA epoch {epoch + 1}",
@@ -482,6 +482,7 @@ def finish(run: Run, seconds: float) -> FinetuneResult:
     result = FinetuneResult(
         output=str(run.output), top1=test["top1"], top5=test["top5"], loss=test["loss"],
         val_top1=best["top1"], val_top5=best["top5"], val_loss=best["loss"],
+        val_images=best.get("samples"), test_images=test["samples"],
         input_val_top1=best.get("input_top1"), input_val_loss=best.get("input_loss"),
         best_epoch=best["epoch"], kept=best["source"], epochs=len(history), steps=run.step,
         losses={k: history[-1][k] for k in LOSS_PARTS} if history else {},
