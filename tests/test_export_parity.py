@@ -133,3 +133,20 @@ def test_parity_images_default_to_the_models_own_data(tmp_path):
     r = export(m, tmp_path / "m.onnx", parity_samples=4, check=True)
     assert r["parity_data"] == "digits"  # synthetic noise is never taken for the model's own data
     assert np.isfinite(r["max_abs_diff"])
+
+
+def test_a_neurons_layout_comes_from_its_tensors_shape():
+    """A mostly saturated neuron matches its own tensor read transposed almost as well as read
+    right; the tensor's shape decides (channels then positions, or positions then channels)."""
+    import torch
+
+    from qsdcompress.onnx_export.parity import _layouts
+
+    counts = torch.zeros(2, 640, 196)          # (T*B, C, S)
+    assert _layouts((1, 2, 640, 14, 14), counts) == ("cf",)
+    assert _layouts((2, 640, 196), counts) == ("cf",)
+    assert _layouts((2, 196, 640), counts) == ("cl",)
+    assert _layouts((392, 640), counts) == ("cl",)
+    square = torch.zeros(2, 196, 196)           # C == S: the shape cannot tell
+    assert set(_layouts((2, 196, 196), square)) == {"cf", "cl"}
+    assert set(_layouts((7, 8), counts)) == {"cf", "cl"}   # no reading fits: both are tried

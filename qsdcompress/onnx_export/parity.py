@@ -23,6 +23,7 @@ cost about ten times float32 ones on a CPU).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,17 @@ MATCH_SAMPLE = 16384  # counts compared when locating a neuron (evenly spaced ov
 MATCH_TIE = 1e-3     # candidates this close to the best are told apart by graph order
 
 
+def _layouts(shape: tuple[int, ...], counts: torch.Tensor) -> tuple[str, ...]:
+    """The layouts a graph tensor of ``shape`` can hold a ``(T*B, C, S)`` neuron in, read from its
+    shape: channels then positions (``cf``: ``(.., C, H, W)``, ``(TB, C, S)``) or positions then
+    channels (``cl``: ``(TB, S, C)``, ``(TB*S, C)``); both where the shape cannot tell (C == S)."""
+    tb, c, n = counts.shape
+    cf = any(shape[k] == c and math.prod(shape[k + 1:]) == n for k in range(len(shape)))
+    cl = len(shape) > 0 and shape[-1] == c and math.prod(shape) == tb * n * c
+    found = tuple(name for name, ok in (("cf", cf), ("cl", cl)) if ok)
+    return found or LAYOUTS
+
+
 def _sample(flat: np.ndarray) -> np.ndarray:
     return flat[:: max(1, -(-flat.size // MATCH_SAMPLE))]
 
@@ -193,7 +205,10 @@ def _match(records: list[_Record], values: dict[str, np.ndarray], candidates: li
            ) -> tuple[list[_Site], list[str]]:
     """Each neuron's tensor: among unused candidates of its size, the one (and layout) closest in
     value, the next in graph order among near-equals (a fresh model's consecutive blocks fire
-    almost alike); a neuron whose best candidate differs in over half its counts stays unmatched."""
+    almost alike); a neuron whose best candidate differs in over half its counts stays unmatched.
+    The layout comes from the tensor's shape where it tells (:func:`_layouts`): a neuron that
+    mostly saturates matches its own tensor read in either layout almost as well, and reading it
+    transposed would count every unsaturated count as a flip."""
     order = {name: k for k, (name, _) in enumerate(candidates)}
     sampled = {name: _sample(values[name].reshape(-1)) for name, _ in candidates}
     used: set[str] = set()
@@ -201,9 +216,9 @@ def _match(records: list[_Record], values: dict[str, np.ndarray], candidates: li
     sites, unmatched = [], []
     for rec in records:
         layouts = {k: _sample(_flat(rec.counts, k).reshape(-1)) for k in LAYOUTS}
-        scored = [(float((sampled[name] != ref).mean()), name, et, layout)
+        scored = [(float((sampled[name] != layouts[layout]).mean()), name, et, layout)
                   for name, et in candidates if name not in used and values[name].size == rec.counts.numel()
-                  for layout, ref in layouts.items()]
+                  for layout in _layouts(values[name].shape, rec.counts)]
         if not scored or min(sc[0] for sc in scored) > 0.5:
             unmatched.append(rec.name)
             continue
