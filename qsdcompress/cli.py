@@ -183,10 +183,8 @@ def config_options(cls: type, only: Sequence[str] | None = None) -> Callable:
 
 def emit(result: Any, as_json: bool) -> None:
     """Write a result (:mod:`qsdcompress.results`): JSON on stdout, or its table on stderr."""
-    from .results import Result, json_default
-
     if as_json:
-        click.echo(result.to_json() if isinstance(result, Result) else json.dumps(result, default=json_default))
+        click.echo(result.to_json())
     else:
         result.render()
 

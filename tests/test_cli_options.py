@@ -76,9 +76,11 @@ def test_convert_command_line_builds_the_configs(monkeypatch, tmp_path):
 
     from qsdcompress import pipeline
     from qsdcompress.config import Budget, QuantConfig
+    from qsdcompress.results import ModelList
 
-    seen = {}
-    monkeypatch.setattr(pipeline, "run_convert", lambda model, cfg, **kw: seen.update(cfg=cfg, **kw) or {})
+    seen = {}  # what run_convert received; it returns an empty result (any Result prints)
+    monkeypatch.setattr(pipeline, "run_convert",
+                        lambda model, cfg, **kw: seen.update(cfg=cfg, **kw) or ModelList(models=[]))
     args = ["convert", "--bits", "3", "--layer-bits", "head=8", "--layer-bits", "block*=2", "--skip", "stem*",
             "--calib-batches", "2", "--calib-batch-size", "16", "--no-reestimate-bn", "--max-drop", "0.5",
             "--candidate-bits", "2,4", "--workdir", str(tmp_path), "--json"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import QsdError
-from ..results import Result, optional
+from ..results import Result, json_default, optional
 from ..ui import console, short_name
 
 def layers_frame(result: dict):
@@ -52,7 +52,7 @@ def render(result: dict, fmt: str = "table") -> str:
     """The report as text in ``table`` (plain), ``csv``, ``json`` or ``markdown``."""
     df = layers_frame(result)
     if fmt == "json":
-        return json.dumps(dict(result), default=_jsonable, indent=1)
+        return json.dumps(dict(result), default=json_default, indent=1)
     if fmt == "csv":
         head = "".join(f"# {k}: {v}\n" for k, v in _totals_lines(result))
         head += "".join(f"# energy table: {line}\n" for line in _energy_lines(result))
@@ -85,14 +85,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def _jsonable(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
 
 
 def compact(v: float | int | None) -> str:
