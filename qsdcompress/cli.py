@@ -326,8 +326,13 @@ def _fields_given(cls: type, opts: dict[str, Any]) -> dict[str, Any]:
         value = opts[f.name]
         if value is None and f.default is not None:
             continue
-        out[f.name] = str(value) if isinstance(value, Path) else value
+        out[f.name] = _plain(value)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """An option's value as a config field holds it: paths as text (configs serialize to JSON)."""
+    return str(value) if isinstance(value, Path) else value
 
 
 # --- sensitivity (qsdcompress/mixed) ---
@@ -430,7 +435,7 @@ def finetune_cmd(ctx: click.Context, model: str | None, as_json: bool, **opts: A
              click.core.ParameterSource.DEFAULT_MAP)
     for name, value in opts.items():
         if name not in values or ctx.get_parameter_source(name) in given:
-            values[name] = str(value) if isinstance(value, Path) else value
+            values[name] = _plain(value)
     if model is not None:
         values["model"] = model
     if not values.get("clip_grad"):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from .ui import console, short_name
+from .ui import console, percent, short_name
 
 
 def json_default(o: Any) -> Any:
@@ -93,10 +93,6 @@ def _pairs(rows: list[tuple[str, str]]) -> Any:
     return t
 
 
-def _pct(v: float | None) -> str:
-    return f"{v * 100:.2f}%" if v is not None else "-"
-
-
 def nbytes(n: int | None) -> str:
     """A size as the tables print it (1 MB = 1e6 bytes)."""
     if not n:
@@ -126,7 +122,7 @@ class EvalResult(Result):
         ran = f" ({self.runtime}, {self.precision})" if self.runtime else ""
         t = _table(f"eval: {self.model} on {self.data} {self.split}{ran}",
                    ("top1", "top5", "loss", "samples", "images/s"))
-        t.add_row(_pct(self.top1), _pct(self.top5), f"{self.loss:.4f}", str(self.samples), str(self.images_per_s))
+        t.add_row(percent(self.top1), percent(self.top5), f"{self.loss:.4f}", str(self.samples), str(self.images_per_s))
         console.print(t)
 
 
@@ -161,7 +157,7 @@ class ConvertResult(Result):
                 ("size (paper convention)", f"{s['size_mb_paper']} MB vs {s['float_size_mb_paper']} MB")]
         if self.top1_before is not None:
             rows.append((f"top-1 on {self.top1_images} {self.top1_data} test images",
-                         f"{_pct(self.top1_before)} -> {_pct(self.top1_after)}"))
+                         f"{percent(self.top1_before)} -> {percent(self.top1_after)}"))
         rows.append(("calibration", f"{cal.get('samples', 0)} images of {cal.get('data') or '-'}"
                      + (", BatchNorm re-estimated" if cal.get("batchnorm_reestimated") else "")))
         rows.append(("time", f"{self.convert_seconds} s"))
@@ -188,7 +184,7 @@ def _render_plan(plan: dict) -> None:
              f"size {plan['size_bytes']:,} bytes (predicted {pr['size_bytes']:,})",
              f"KL to float on {plan['validation_images']} val images: predicted {pr['kl']:.3g} (sum over groups), "
              f"measured {me['kl']:.3g}",
-             f"val top-1 {_pct(me['val_top1'])} (float {_pct(me['val_top1_float'])}, "
+             f"val top-1 {percent(me['val_top1'])} (float {percent(me['val_top1_float'])}, "
              f"drop {me['drop_points']:.2f} points)"]
     if "energy_mj" in me:
         lines.append(f"energy per image {me['energy_mj']:.4g} mJ (predicted {pr['energy_mj']:.4g})")
@@ -230,12 +226,12 @@ class FinetuneResult(Result):
         for h in self.history:
             ent = f"{h['entropy_qkv']:.2f}" if "entropy_qkv" in h else "-"
             t.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{h['ce']:.4f}", f"{h['kd']:.4f}", f"{h['fgd']:.4f}",
-                      _pct(h["val_top1"]), ent, str(h.get("images_per_s")))
+                      percent(h["val_top1"]), ent, str(h.get("images_per_s")))
         console.print(t)
         kept = ("the input model (no epoch beat it on validation)" if self.kept == "input"
                 else f"epoch {self.best_epoch} ({self.kept})")
-        console.print(f"kept {kept}: val top-1 {_pct(self.val_top1)} ({self.val_images} images), test top-1 "
-                      f"{_pct(self.top1)} ({self.test_images} images) in {self.seconds:.0f}s; metrics: "
+        console.print(f"kept {kept}: val top-1 {percent(self.val_top1)} ({self.val_images} images), test top-1 "
+                      f"{percent(self.top1)} ({self.test_images} images) in {self.seconds:.0f}s; metrics: "
                       f"{self.metrics_csv}")
 
 
@@ -289,7 +285,7 @@ class ExportResult(Result):
                       f"boundary)"),
                      ("images differing end to end",
                       f"{p['images_differing']} (max |logit diff| {p['max_abs_diff']:.3g})"),
-                     ("top-1 agreement", _pct(p["top1_agreement"]))]
+                     ("top-1 agreement", percent(p["top1_agreement"]))]
         t = _pairs(rows)
         t.title = f"export: {self.output}"
         console.print(t)
@@ -319,7 +315,7 @@ class SensitivityResult(Result):
             t.add_row(short_name(g["name"], 30), *[f"{g['damage'][str(b)]:.1e}" for b in s["bits"]])
         console.print(t)
         console.print(f"{s['samples']} val images of {s.get('data')}, float val top-1 "
-                      f"{_pct(s['float_val_top1'])}; {s['seconds']:.1f} s"
+                      f"{percent(s['float_val_top1'])}; {s['seconds']:.1f} s"
                       + (f"; table: {self.output}" if self.output else "")
                       + (f"; heat map: {self.plot}" if self.plot else ""))
 
@@ -348,7 +344,7 @@ class DemoResult(Result):
             t.add_column(c, justify="left" if c == "model" else "right", overflow="fold")
         for name, r in self.rows.items():
             loss = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "-"
-            t.add_row(name, _pct(r.get("val_top1")), loss, _pct(r["top1"]), nbytes(r["size_bytes"]),
+            t.add_row(name, percent(r.get("val_top1")), loss, percent(r["top1"]), nbytes(r["size_bytes"]),
                       f"{r['size_x']:.1f}x" if r["size_x"] else "-", f"{r['sops']:.3g}" if r["sops"] else "-",
                       f"{r['energy_mj']:.4g}" if r["energy_mj"] else "-",
                       f"{r['energy_x']:.1f}x" if r["energy_x"] else "-")
@@ -379,7 +375,7 @@ class ModelList(Result):
             t.add_column(c, justify=j)  # type: ignore[arg-type]
         for m in self.models:
             what = m["description"] if m["installed"] else f"not installed: {m['trained_by']}"
-            t.add_row(m["name"], m["kind"], m["data"], _pct(m.get("test_top1")), what)
+            t.add_row(m["name"], m["kind"], m["data"], percent(m.get("test_top1")), what)
         console.print(t)
 
 

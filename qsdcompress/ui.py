@@ -25,6 +25,11 @@ def quiet() -> bool:
     return os.environ.get("QSDCOMPRESS_QUIET", "") not in ("", "0")
 
 
+def percent(v: float | None) -> str:
+    """A fraction as the percentage every table prints (two decimals), ``-`` when unknown."""
+    return f"{v * 100:.2f}%" if v is not None else "-"
+
+
 def _block_head(parts: list[str]) -> int:
     """How many leading parts name the block: up to the first list index (``block3.1``,
     ``ConvBlock1_1.0``), else the top-level module alone."""

@@ -66,3 +66,9 @@ def test_console_writes_to_stderr(capsys):
     ui.console.print("hello from the console")
     out, err = capsys.readouterr()
     assert out == "" and "hello from the console" in err
+
+
+@pytest.mark.parametrize("value, expect", [(0.9266, "92.66%"), (1.0, "100.00%"), (0.0, "0.00%"),
+                                           (0.12346, "12.35%"), (None, "-")])
+def test_percent(value, expect):
+    assert ui.percent(value) == expect

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import QsdError
 from ..results import Result, json_default, optional
-from ..ui import console, short_name
+from ..ui import console, percent, short_name
 
 def layers_frame(result: dict):
     """The per-layer rows of a report as a pandas DataFrame."""
@@ -26,7 +26,7 @@ def _totals_lines(result: dict) -> list[tuple[str, str]]:
     if "onnx_bytes" in t:
         lines.append(("ONNX file (bytes)", f"{t['onnx_bytes']:,}"))
     if "top1" in t:
-        lines.append((f"top-1 ({t['images']} {result.get('split', 'test')} images)", f"{t['top1'] * 100:.2f}%"))
+        lines.append((f"top-1 ({t['images']} {result.get('split', 'test')} images)", percent(t["top1"])))
     lines += [("SOPs per image", f"{t['sops']:.4g}"), ("energy per image (mJ)", f"{t['energy_mj']:.4g}")]
     if "float" in result:
         f = result["float"]
@@ -34,7 +34,7 @@ def _totals_lines(result: dict) -> list[tuple[str, str]]:
         lines.append(("float size (bytes / paper MB)", f"{f['totals']['size_bytes']:,} / {f['totals']['size_mb_paper']:.3f}"))
         lines.append(("float energy (mJ)", f"{f['totals']['energy_mj']:.4g}"))
         if "top1" in f["totals"]:
-            lines.append(("float top-1 (same images)", f"{f['totals']['top1'] * 100:.2f}%"))
+            lines.append(("float top-1 (same images)", percent(f["totals"]["top1"])))
         v = result["vs_float"]
         lines.append(("size vs float", f"{v['size_ratio']:.2f}x smaller (paper MB {v['size_ratio_paper']:.2f}x)"))
         lines.append(("energy vs float", f"{v['energy_ratio']:.2f}x less"))
