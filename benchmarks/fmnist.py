@@ -12,7 +12,8 @@ spike diagnosis, on a bundled Fashion-MNIST model (``--model``: ``qsd_tiny_fmnis
 
 Every result is one JSON line appended to ``--out`` (default ``benchmarks/fmnist_results.jsonl``,
 ``benchmarks/fmnist_results_MODEL.jsonl`` for another ``--model``)
-as soon as it is measured, so an interrupted run loses nothing. Validation (5,000 images held out
+as soon as it is measured, so an interrupted sweep loses only the run in progress; `qat` and
+`ablation` skip the runs already in ``--out`` (``--again`` reruns them). Validation (5,000 images held out
 of the training set) chooses; test (10,000 images) is what the tables report. QAT budget: the
 same ``--steps`` optimizer steps at batch 64 for every configuration, validated every
 ``--val-every`` steps; the kept model is the best on validation (the converted input included).
@@ -68,18 +69,37 @@ def qat_options(args) -> dict:
     return dict(steps=args.steps, limit_train_batches=args.val_every, batch_size=64)
 
 
+def _done(args) -> set[tuple]:
+    """(bits, configuration, seed) of the QAT runs of this model and ``--steps`` already in ``--out``
+    (a run killed midway left nothing): skipped unless ``--again``, so an interrupted sweep resumes
+    where it stopped."""
+    if args.again:
+        return set()
+    return {(r["bits"], r["config"], r["seed"]) for r in _rows(Path(args.out))
+            if r["section"] in ("qat", "ablation") and r.get("model", "qsd_tiny_fmnist") == args.model
+            and r.get("steps") == args.steps}
+
+
 def qat(args, fm) -> None:
     conv, ft = ABLATION["full"]
+    done = _done(args)
     for bits in args.bits:
+        if (bits, "full", 0) in done:
+            print(f"skipped: W{bits} full seed 0 is in {args.out} (--again reruns it)", flush=True)
+            continue
         emit(args, {"config": "full", **one_run(fm, args.data, bits, conv, seed=0, float_model_file=args.model,
                                                 **ft, **qat_options(args))})
 
 
 def ablation(args, fm) -> None:
+    done = _done(args)
     for bits in args.bits:
         for name in args.configs:
             conv, ft = ABLATION[name]
             for seed in args.seeds:
+                if (bits, name, seed) in done:
+                    print(f"skipped: W{bits} {name} seed {seed} is in {args.out} (--again reruns it)", flush=True)
+                    continue
                 emit(args, {"config": name, **one_run(fm, args.data, bits, conv, seed=seed, diagnose=True,
                                                       float_model_file=args.model, **ft, **qat_options(args))})
 
@@ -211,6 +231,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["float", "ptq"], help="diagnosis: include the float model")
     ap.add_argument("--figure", default=str(Path(__file__).resolve().parent / "fmnist_qkv_histograms.png"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--again", action="store_true", help="qat/ablation: rerun runs already in --out")
     ap.add_argument("--out", default=None, help="default: benchmarks/fmnist_results[_MODEL].jsonl")
     a = ap.parse_args()
     suffix = "" if a.model == "qsd_tiny_fmnist" else f"_{Path(a.model).stem}"
