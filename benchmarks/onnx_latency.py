@@ -3,7 +3,9 @@ model), every export format under onnxruntime, the float model exported plainly
 (``torch.onnx.export``) under onnxruntime and OpenVINO (its default precision and f32), and every
 format OpenVINO can read under OpenVINO (default precision and f32).
 
-Models: the bundled digits model (32 px) and ``qsd_8_256`` / ``qsd_8_512`` at 224 px, W4. The 224 px
+Models: the bundled digits model (32 px), ``qsd_8_256`` / ``qsd_8_512`` at 224 px, W4, and trained
+models of the zoo (``qsd_8_256_fmnist`` at its own 64 px, ``qsd_8_256_fmnist@224``: the same weights
+at 224 px), calibrated and parity-checked on their own data. The random 224 px
 models have random weights (timing does not depend on the values) with non-trivial BatchNorm
 statistics and layer scales near 1, so their spikes are neither all zero nor all saturated. Every
 file is parity-checked (onnxruntime; ``std-int`` and ``qdq`` under OpenVINO f32 too) and what each
@@ -15,7 +17,7 @@ off (sessions side by side would spin on each other's cores). The fastest path a
 batch gets a per-op-type time profile (onnxruntime ``enable_profiling``, OpenVINO ``PERF_COUNT``).
 
     python benchmarks/onnx_latency.py [--threads 2] [--repeats 10] [--big-repeats 3]
-        [--models bundled qsd_8_256 [qsd_8_512]] [--batches 1 16] [--torch-threads N] [--cpu-time] [--json PATH]
+        [--models bundled qsd_8_256 [qsd_8_512] [qsd_8_256_fmnist qsd_8_256_fmnist@224]] [--batches 1 16] [--torch-threads N] [--cpu-time] [--json PATH]
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +44,7 @@ import qsdcompress as q  # noqa: E402
 from qsdcompress.onnx_export import (ExportConfig, Runtime, build_onnx, check_parity, executed_layers,  # noqa: E402
                                 parity_batch)
 from qsdcompress.provenance import machine_description, package_versions  # noqa: E402
+from qsdcompress.data import model_data  # noqa: E402
 from qsdcompress.models.random_init import randomize_  # noqa: E402
 from qsdcompress.quant import QuantConfig, convert  # noqa: E402
 
@@ -71,9 +75,26 @@ def plain_float_export(model: torch.nn.Module, sample: torch.Tensor, path: Path)
     path.write_bytes(buf.getvalue())
 
 
-def build_files(name: str, fl: torch.nn.Module, conv: torch.nn.Module, out: Path, samples: int) -> dict:
+@dataclass
+class Case:
+    """One model timed: its float and converted W4 forms, input shape, and the images its parity
+    check runs on (its own data where it has any; digits for random weights)."""
+    name: str
+    fl: torch.nn.Module
+    conv: torch.nn.Module
+    img: int
+    chans: int
+    samples: int
+    data: str = "digits"
+
+    def inputs(self, batch: int) -> torch.Tensor:
+        return torch.randn(batch, self.chans, self.img, self.img)
+
+
+def build_files(case: Case, out: Path) -> dict:
     """The plain float export and every format's file, each with its parity figures."""
-    x = parity_batch(conv, "digits", samples)
+    name, fl, conv = case.name, case.fl, case.conv
+    x = parity_batch(conv, case.data, case.samples)
     files = {"float": {"path": out / f"{name}_float.onnx"}}
     plain_float_export(fl, x[:2], files["float"]["path"])
     for fmt in FORMATS:
@@ -117,7 +138,7 @@ def time_round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[st
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
-def gmacs(model: torch.nn.Module, img: int) -> float:
+def gmacs(case: Case) -> float:
     """Multiply-accumulates of one image through the conv and linear layers (attention products
     left out), in billions."""
     total = [0]
@@ -127,10 +148,10 @@ def gmacs(model: torch.nn.Module, img: int) -> float:
         per_out = w[0].numel()   # in_channels / groups x kernel
         total[0] += out.numel() * per_out
 
-    hs = [m.register_forward_hook(hook) for m in model.modules()
+    hs = [m.register_forward_hook(hook) for m in case.fl.modules()
           if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear))]
     with torch.no_grad():
-        model(torch.zeros(1, 3, img, img))
+        case.fl(torch.zeros_like(case.inputs(1)))
     for h in hs:
         h.remove()
     return total[0] / 1e9
@@ -174,28 +195,28 @@ def _ort_profiled(path: Path, rt: Runtime):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def time_eager(fl: torch.nn.Module, conv: torch.nn.Module, img: int, batches: list[int], repeats: int) -> dict:
+def time_eager(case: Case, batches: list[int], repeats: int) -> dict:
     """PyTorch eager, timed before any runtime session exists (measured: run round-robin beside
     OpenVINO's and onnxruntime's thread pools, a 77 ms eager pass took 10 s)."""
     out = {}
     for b in batches:
-        x = torch.randn(b, 3, img, img)
+        x = case.inputs(b)
         with torch.no_grad():
-            out[b] = time_round_robin({"eager float": lambda: fl(x), "eager converted": lambda: conv(x)},
+            out[b] = time_round_robin({"eager float": lambda: case.fl(x), "eager converted": lambda: case.conv(x)},
                                       repeats if b == 1 else max(2, repeats // 3))
     return out
 
 
-def bench(name: str, fl: torch.nn.Module, conv: torch.nn.Module, img: int, repeats: int, threads: int,
-          out: Path, samples: int, batches: list[int]) -> dict:
-    files = build_files(name, fl, conv, out, samples)
-    eager = time_eager(fl, conv, img, batches, repeats)
+def bench(case: Case, repeats: int, threads: int, out: Path, batches: list[int]) -> dict:
+    name, img = case.name, case.img
+    files = build_files(case, out)
+    eager = time_eager(case, batches, repeats)
     runs = paths(files, threads)
     sessions = {k: rt.session(p) for k, (p, rt) in runs.items()}
     executed = {k: executed_layers(p, rt) for k, (p, rt) in runs.items() if not k.endswith("float")}
     rows = []
     for b in batches:
-        xn = torch.randn(b, 3, img, img).numpy()
+        xn = case.inputs(b).numpy()
         fns: dict[str, Callable[[], Any]] = {k: (lambda s=s: s(xn)) for k, s in sessions.items()}
         reps = repeats if b == 1 else max(3, repeats // 2)
         ms = {**eager[b], **time_round_robin(fns, reps)}
@@ -204,23 +225,45 @@ def bench(name: str, fl: torch.nn.Module, conv: torch.nn.Module, img: int, repea
         print(f"{name} batch {b}: " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()), flush=True)
     last = rows[-1]["ms"]
     fastest = min((k for k in last if not k.startswith("eager")), key=last.get)
-    prof = profile(runs[fastest][0], runs[fastest][1], np.random.randn(batches[-1], 3, img, img).astype(np.float32))
-    return {"model": name, "img": img, "gmacs_per_image": round(gmacs(fl, img), 3), "rows": rows,
+    prof = profile(runs[fastest][0], runs[fastest][1], case.inputs(batches[-1]).numpy())
+    return {"model": name, "img": img, "parity_data": case.data, "gmacs_per_image": round(gmacs(case), 3), "rows": rows,
             "files": {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in files.items()},
             "executed_layers": executed, "fastest": fastest, "fastest_batch": batches[-1], "profile": prof}
 
 
 def models(names: list[str]):
-    """(name, float model, converted W4 model, image size, parity samples) per name."""
+    """A :class:`Case` per name: ``bundled`` (digits, 32 px), ``qsd_8_256``/``qsd_8_512`` (random
+    weights, 224 px), or a trained model of the zoo or a float ``.qsd`` at its own size, calibrated
+    and parity-checked on its own data; ``NAME@224``: the same weights at 224 px."""
     cfg = QuantConfig(bits=4, calib_batches=0, scale_init="lsq")
     for name in names:
+        base, _, size = name.partition("@")
         if name == "bundled":
             fl = q.load().eval()
-            yield name, fl, convert(fl, cfg).eval(), 32, 64
-        else:
+            yield Case(name, fl, convert(fl, cfg).eval(), 32, 3, 64)
+        elif base in ("qsd_8_256", "qsd_8_512"):
             fl = q.create_model(name, num_classes=1000)
             fl = randomize_(fl, parity_batch(fl, "digits", 4))
-            yield name, fl, convert(fl, cfg).eval(), 224, 4
+            yield Case(name, fl, convert(fl, cfg).eval(), 224, 3, 4)
+        else:
+            fl = q.load(base).eval()
+            if size:
+                fl = at_size(fl, int(size))
+            data = model_data(fl)
+            conv = convert(fl, QuantConfig(bits=4, calib_data=data)).eval()
+            chans, img, _ = fl.pretrained_cfg["input_size"]
+            yield Case(name, fl, conv, img, chans, 64 if img <= 64 else 16, data)
+
+
+def at_size(model: torch.nn.Module, img: int) -> torch.nn.Module:
+    """``model``'s weights in its topology built for ``img`` px: a topology without position
+    embeddings (Meta-SpikeFormer's) takes any size whose token grid stays whole."""
+    meta = model.qsd_meta
+    args = {**meta.get("model_args", {}), "img_size": img}
+    out = q.create_model(meta["arch"], **args)
+    out.load_state_dict(model.state_dict())
+    out.qsd_meta = {**meta, "model_args": args}
+    return out.eval()
 
 
 def environment(a: argparse.Namespace) -> dict:
@@ -243,7 +286,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10, help="rounds at batch 1, bundled model")
     ap.add_argument("--big-repeats", type=int, default=3, help="rounds at batch 1, 224 px models")
     ap.add_argument("--models", nargs="+", default=["bundled", "qsd_8_256"],
-                    help="bundled, qsd_8_256, qsd_8_512 (slow: minutes)")
+                    help="bundled, qsd_8_256, qsd_8_512 (slow: minutes), a zoo model or float .qsd, NAME@224")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="PyTorch's threads (eager timing and the parity check's reference); default "
@@ -258,9 +301,9 @@ def main() -> None:
     torch.set_num_threads(a.torch_threads or a.threads)
     res = {**environment(a), "results": []}
     with tempfile.TemporaryDirectory() as d:
-        for name, fl, conv, img, samples in models(a.models):
-            reps = a.repeats if img <= 32 else a.big_repeats
-            res["results"].append(bench(name, fl, conv, img, reps, a.threads, Path(d), samples, a.batches))
+        for case in models(a.models):
+            reps = a.repeats if case.img <= 64 else a.big_repeats
+            res["results"].append(bench(case, reps, a.threads, Path(d), a.batches))
     res["load_average_end"] = os.getloadavg()
     Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {a.json}")
