@@ -145,9 +145,10 @@ class Run:
 
 
 def write_curve(path: Path, history: list[dict], machine: dict) -> None:
-    """The per-epoch curve as JSON lines, rewritten whole (atomically) from the checkpoint's history."""
+    """The per-epoch curve as JSON lines, rewritten whole (atomically) from the checkpoint's history;
+    each epoch keeps the machine (and thread count) of the process that ended it."""
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps({**h, "machine": machine}) + "\n" for h in history))
+        tmp.write_text("".join(json.dumps({"machine": machine, **h}) + "\n" for h in history))
 
 
 def end_of_epoch(run: Run, loaders: dict[str, DataLoader]) -> None:
@@ -155,7 +156,7 @@ def end_of_epoch(run: Run, loaders: dict[str, DataLoader]) -> None:
     ep, a = run.epoch + 1, run.a
     t0 = time.time()
     run.best, top1 = base.candidate(run.best, run.model, loaders["val"], f"epoch {ep} val", ep)
-    h = {"epoch": ep, "loss": round(run.loss_sum / run.steps, 4), "val_top1": round(top1, 4)}
+    h = {"epoch": ep, "loss": round(run.loss_sum / run.steps, 4), "val_top1": round(top1, 4), "machine": run.machine}
     if run.ema is not None:
         run.best, top1 = base.candidate(run.best, run.ema.module, loaders["val"], f"epoch {ep} EMA val", ep, True)
         h["ema_val_top1"] = round(top1, 4)
