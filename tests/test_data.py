@@ -233,6 +233,37 @@ def test_idx_to_model_input_channels_size_normalisation(tmp_path):
     assert torch.allclose(back[:, :1], up.clamp(0, 1), atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["digits", "fashion-mnist:IDX"])
+def test_loader_batches_are_the_whole_split_converted_at_once(tmp_path, spec):
+    """Images become model input a batch at a time; every batch equals those rows of the whole
+    split converted in one call (a reference: ``to_model_input`` on all images)."""
+    from qsdcompress.data import build_loader, to_model_input
+
+    if spec.endswith("IDX"):
+        make_idx_dir(tmp_path / "f", n_test=37)
+        spec = f"fashion-mnist:{tmp_path / 'f'}"
+    cfg = DataConfig(input_size=(3, 40, 40), mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.25))
+    loader = build_loader(spec, "test", cfg, batch_size=16)
+    ds = loader.dataset
+    whole = to_model_input(ds.images, cfg)
+    got = torch.cat([x for x, _ in loader])
+    assert torch.equal(got, whole) and torch.equal(torch.cat([y for _, y in loader]), ds.labels)
+    assert torch.equal(ds[5][0], whole[5])
+
+
+def test_a_224_px_split_is_not_made_up_front(tmp_path):
+    """55,000 Fashion-MNIST images as 224 px input would take 11 GB per channel; the dataset keeps
+    the 28 px images and converts a batch when it is read."""
+    from qsdcompress.data import build_loader
+
+    make_idx_dir(tmp_path / "f", n_train=1200)
+    cfg = DataConfig(input_size=(3, 224, 224), mean=(0.5,), std=(0.5,))
+    loader = build_loader(f"fashion-mnist:{tmp_path / 'f'}", "train", cfg, batch_size=8)
+    assert loader.dataset.images.shape == (1100, 28, 28)
+    x, y = next(iter(loader))
+    assert x.shape == (8, 3, 224, 224) and y.shape == (8,)
+
+
 def test_default_fashion_mnist_dir_and_data_config(monkeypatch, tmp_path):
     import qsdcompress as q
     from qsdcompress import data
