@@ -12,8 +12,8 @@ spike diagnosis, on a bundled Fashion-MNIST model (``--model``: ``qsd_tiny_fmnis
 
 Every result is one JSON line appended to ``--out`` (default ``benchmarks/fmnist_results.jsonl``,
 ``benchmarks/fmnist_results_MODEL.jsonl`` for another ``--model``)
-as soon as it is measured, so an interrupted sweep loses only the run in progress; `qat` and
-`ablation` skip the runs already in ``--out`` (``--again`` reruns them). Validation (5,000 images held out
+as soon as it is measured, so an interrupted sweep loses only the run in progress; `ptq`, `qat`
+and `ablation` skip what is already in ``--out`` (``--again`` reruns it). Validation (5,000 images held out
 of the training set) chooses; test (10,000 images) is what the tables report. QAT budget: the
 same ``--steps`` optimizer steps at batch 64 for every configuration, validated every
 ``--val-every`` steps; the kept model is the best on validation (the converted input included).
@@ -53,16 +53,30 @@ def top1(model, args, split: str) -> float:
 
 
 def ptq(args, fm) -> None:
-    emit(args, {"config": "float", "bits": 32, "val_top1": top1(fm, args, "val"), "top1": top1(fm, args, "test")})
+    done = _done_ptq(args)
+    if (32, "float") not in done:
+        emit(args, {"config": "float", "bits": 32, "val_top1": top1(fm, args, "val"), "top1": top1(fm, args, "test")})
     for bits in args.bits:
         for ie in args.ie_lif:
             opts = PTQ_IE_LIF[ie]
             for bn in (b == "re-estimated" for b in args.bn):
+                config = f"ie_lif={ie} bn={'re-estimated' if bn else 'float'}"
+                if (bits, config) in done:
+                    print(f"skipped: W{bits} {config} is in {args.out} (--again reruns it)", flush=True)
+                    continue
                 t0 = time.process_time()
                 m = convert(fm, QuantConfig(bits=bits, calib_data=args.data, reestimate_bn=bn, **opts))
-                emit(args, {"config": f"ie_lif={ie} bn={'re-estimated' if bn else 'float'}", "bits": bits,
+                emit(args, {"config": config, "bits": bits,
                             "ie_lif": ie, "reestimate_bn": bn, "val_top1": top1(m, args, "val"),
                             "top1": top1(m, args, "test"), "convert_cpu_s": round(time.process_time() - t0, 1)})
+
+
+def _done_ptq(args) -> set[tuple]:
+    """(bits, configuration) of the PTQ rows of this model already in ``--out`` (unless ``--again``)."""
+    if args.again:
+        return set()
+    return {(r["bits"], r["config"]) for r in _rows(Path(args.out))
+            if r["section"] == "ptq" and r.get("model", "qsd_tiny_fmnist") == args.model}
 
 
 def qat_options(args) -> dict:
@@ -231,7 +245,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["float", "ptq"], help="diagnosis: include the float model")
     ap.add_argument("--figure", default=str(Path(__file__).resolve().parent / "fmnist_qkv_histograms.png"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--again", action="store_true", help="qat/ablation: rerun runs already in --out")
+    ap.add_argument("--again", action="store_true", help="ptq/qat/ablation: rerun what is already in --out")
     ap.add_argument("--out", default=None, help="default: benchmarks/fmnist_results[_MODEL].jsonl")
     a = ap.parse_args()
     suffix = "" if a.model == "qsd_tiny_fmnist" else f"_{Path(a.model).stem}"
