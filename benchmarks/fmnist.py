@@ -53,7 +53,7 @@ def top1(model, args, split: str) -> float:
 
 
 def ptq(args, fm) -> None:
-    done = _done_ptq(args)
+    done = _done(args, ("ptq",), ("bits", "config"))
     if (32, "float") not in done:
         emit(args, {"config": "float", "bits": 32, "val_top1": top1(fm, args, "val"), "top1": top1(fm, args, "test")})
     for bits in args.bits:
@@ -62,7 +62,7 @@ def ptq(args, fm) -> None:
             for bn in (b == "re-estimated" for b in args.bn):
                 config = f"ie_lif={ie} bn={'re-estimated' if bn else 'float'}"
                 if (bits, config) in done:
-                    print(f"skipped: W{bits} {config} is in {args.out} (--again reruns it)", flush=True)
+                    _skipped(args, f"W{bits} {config}")
                     continue
                 t0 = time.process_time()
                 m = convert(fm, QuantConfig(bits=bits, calib_data=args.data, reestimate_bn=bn, **opts))
@@ -72,48 +72,44 @@ def ptq(args, fm) -> None:
                             "convert_cpu_s_is": "convert alone"})
 
 
-def _done_ptq(args) -> set[tuple]:
-    """(bits, configuration) of the PTQ rows of this model already in ``--out`` (unless ``--again``)."""
-    if args.again:
-        return set()
-    return {(r["bits"], r["config"]) for r in _rows(Path(args.out))
-            if r["section"] == "ptq" and r.get("model", "qsd_tiny_fmnist") == args.model}
-
-
 def qat_options(args) -> dict:
     return dict(steps=args.steps, limit_train_batches=args.val_every, batch_size=64)
 
 
-def _done(args) -> set[tuple]:
-    """(bits, configuration, seed) of the QAT runs of this model and ``--steps`` already in ``--out``
-    (a run killed midway left nothing): skipped unless ``--again``, so an interrupted sweep resumes
-    where it stopped."""
+def _done(args, sections: tuple[str, ...], fields: tuple[str, ...]) -> set[tuple]:
+    """``fields`` of the rows of ``sections`` already in ``--out`` for this model (QAT runs: of this
+    ``--steps`` too; a run killed midway left nothing): skipped unless ``--again``, so an
+    interrupted sweep resumes where it stopped."""
     if args.again:
         return set()
-    return {(r["bits"], r["config"], r["seed"]) for r in _rows(Path(args.out))
-            if r["section"] in ("qat", "ablation") and r.get("model", "qsd_tiny_fmnist") == args.model
-            and r.get("steps") == args.steps}
+    return {tuple(r[f] for f in fields) for r in _rows(Path(args.out))
+            if r["section"] in sections and r.get("model", "qsd_tiny_fmnist") == args.model
+            and (r["section"] == "ptq" or r.get("steps") == args.steps)}
+
+
+def _skipped(args, what: str) -> None:
+    print(f"skipped: {what} is in {args.out} (--again reruns it)", flush=True)
 
 
 def qat(args, fm) -> None:
     conv, ft = ABLATION["full"]
-    done = _done(args)
+    done = _done(args, ("qat", "ablation"), ("bits", "config", "seed"))
     for bits in args.bits:
         if (bits, "full", 0) in done:
-            print(f"skipped: W{bits} full seed 0 is in {args.out} (--again reruns it)", flush=True)
+            _skipped(args, f"W{bits} full seed 0")
             continue
         emit(args, {"config": "full", **one_run(fm, args.data, bits, conv, seed=0, float_model_file=args.model,
                                                 **ft, **qat_options(args))})
 
 
 def ablation(args, fm) -> None:
-    done = _done(args)
+    done = _done(args, ("qat", "ablation"), ("bits", "config", "seed"))
     for bits in args.bits:
         for name in args.configs:
             conv, ft = ABLATION[name]
             for seed in args.seeds:
                 if (bits, name, seed) in done:
-                    print(f"skipped: W{bits} {name} seed {seed} is in {args.out} (--again reruns it)", flush=True)
+                    _skipped(args, f"W{bits} {name} seed {seed}")
                     continue
                 emit(args, {"config": name, **one_run(fm, args.data, bits, conv, seed=seed, diagnose=True,
                                                       float_model_file=args.model, **ft, **qat_options(args))})

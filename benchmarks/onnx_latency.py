@@ -45,6 +45,7 @@ from qsdcompress.onnx_export import (ExportConfig, Runtime, build_onnx, check_pa
                                 parity_batch)
 from qsdcompress.provenance import machine_description, package_versions  # noqa: E402
 from qsdcompress.data import model_data  # noqa: E402
+from qsdcompress.loading import build_from_meta  # noqa: E402
 from qsdcompress.models.random_init import randomize_  # noqa: E402
 from qsdcompress.quant import QuantConfig, convert  # noqa: E402
 
@@ -258,11 +259,10 @@ def models(names: list[str]):
 def at_size(model: torch.nn.Module, img: int) -> torch.nn.Module:
     """``model``'s weights in its topology built for ``img`` px: a topology without position
     embeddings (Meta-SpikeFormer's) takes any size whose token grid stays whole."""
-    meta = model.qsd_meta
-    args = {**meta.get("model_args", {}), "img_size": img}
-    out = q.create_model(meta["arch"], **args)
+    meta = {**model.qsd_meta, "model_args": {**model.qsd_meta.get("model_args", {}), "img_size": img}}
+    out = build_from_meta(meta)
     out.load_state_dict(model.state_dict())
-    out.qsd_meta = {**meta, "model_args": args}
+    out.qsd_meta = meta
     return out.eval()
 
 

@@ -142,7 +142,7 @@ class GrayImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_model_input(self.images[i:i + 1], self.cfg)[0], self.labels[i]
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A DataLoader's batch in one resize (torch calls this when it exists)."""
