@@ -60,22 +60,30 @@ def qat(model, args, seed: int) -> dict:
             "kept": r["kept"], "input_val_top1": r["input_val_top1"]}
 
 
-def variants(float_model, args, table_path: Path) -> list[tuple[str, object, dict]]:
-    """(name, converted model, info) for the uniform widths and the mixed plans."""
-    out = []
+def _wanted(name: str, only: list[str] | None) -> bool:
+    return not only or any(name.startswith(p) for p in only)
+
+
+def variants(float_model, args, table_path: Path):
+    """(name, converted model, info) for the uniform widths and the mixed plans, converted one at a
+    time as they are wanted (``--only``); the sizes of uniform W2 and W3 set the mixed targets."""
     sizes = {}
     for b in UNIFORM:
+        if not _wanted(f"uniform W{b}", args.only) and b not in (2, 3):
+            continue
         m = convert(float_model, QuantConfig(bits=b, calib_data=args.data))
         sizes[b] = model_size(m)["size_bytes"]
-        out.append((f"uniform W{b}", m, {"bits": b}))
+        if _wanted(f"uniform W{b}", args.only):
+            yield f"uniform W{b}", m, {"bits": b}
     targets = [("mixed @ W2 size", sizes[2]), ("mixed @ W3 size", sizes[3]),
                (f"mixed @ {args.smaller:g} x W3 size", int(args.smaller * sizes[3]))]
     for name, size in targets:
+        if not _wanted(name, args.only):
+            continue
         budget = Budget(target_size_mb=size / 1e6, samples=args.samples, sensitivity=str(table_path))
         m, plan = convert_to_budget(float_model, QuantConfig(calib_data=args.data), budget)
-        out.append((name, m, {"target_bytes": size, "groups": plan["groups"],
-                              "predicted_kl": plan["predicted"]["kl"], "measured_kl": plan["measured"]["kl"]}))
-    return out
+        yield name, m, {"target_bytes": size, "groups": plan["groups"],
+                        "predicted_kl": plan["predicted"]["kl"], "measured_kl": plan["measured"]["kl"]}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -100,10 +108,13 @@ def markdown(rows: list[dict], float_top1: float) -> str:
     return "\n".join(lines)
 
 
-def target_check(rows: list[dict]) -> dict:
+def target_check(rows: list[dict]) -> dict | None:
     """At the size of uniform W3: mixed after QAT >= 0.5 point above uniform W3 after QAT, or a mixed
-    plan at <= 0.85 x its size reaching its accuracy (QAT means over the seeds)."""
+    plan at <= 0.85 x its size reaching its accuracy (QAT means over the seeds); None without the
+    two rows it compares."""
     by = {r["name"]: r for r in rows}
+    if "uniform W3" not in by or "mixed @ W3 size" not in by:
+        return None
     w3, m3 = by["uniform W3"], by["mixed @ W3 size"]
     gain = (m3["qat_mean"] - w3["qat_mean"]) * 100
     small = [r for r in rows if r["name"].startswith("mixed") and r["size_bytes"] <= 0.85 * w3["size_bytes"]]
@@ -116,7 +127,7 @@ def target_check(rows: list[dict]) -> dict:
     return out
 
 
-def plot(rows: list[dict], float_top1: float, path: str) -> None:
+def plot(rows: list[dict], float_top1: float, path: str, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +154,7 @@ def plot(rows: list[dict], float_top1: float, path: str) -> None:
                 ha="right", fontsize=7, color="gray")
     ax.set_xlabel("model size (kB, sizing.model_size)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Fashion-MNIST, qsd_tiny_fmnist: uniform vs mixed precision", fontsize=9)
+    ax.set_title(f"Fashion-MNIST, {model}: uniform vs mixed precision", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -171,7 +182,7 @@ def main() -> None:
         print(markdown(d["rows"], d["float_test_top1"]))
         print(json.dumps(target_check(d["rows"])))
         if args.plot:
-            plot(d["rows"], d["float_test_top1"], args.plot)
+            plot(d["rows"], d["float_test_top1"], args.plot, d["args"].get("model", "qsd_tiny_fmnist"))
         return
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -185,8 +196,6 @@ def main() -> None:
         table_path = Path(d) / "sensitivity.json"
         table_path.write_text(json.dumps(table.to_dict()))
         for name, m, info in variants(float_model, args, table_path):
-            if args.only and not any(name.startswith(p) for p in args.only):
-                continue
             val = q.eval(m, data=args.data, split="val", batch_size=256, max_batches=args.val_batches)["top1"]
             row = {"name": name, "size_bytes": model_size(m)["size_bytes"], "ptq_val_top1": val,
                    "ptq_test_top1": test_top1(m, args.data), **info, "qat": []}
@@ -200,13 +209,12 @@ def main() -> None:
     meta = {"machine": f"{cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
             "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1), "args": vars(args)}
     print("\n" + markdown(rows, float_top1))
-    if not args.only:
-        meta["target"] = target_check(rows)
+    meta["target"] = target_check(rows)
     print(json.dumps(meta))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"float_test_top1": float_top1, "rows": rows, **meta}, indent=1))
     if args.plot:
-        plot(rows, float_top1, args.plot)
+        plot(rows, float_top1, args.plot, args.model)
 
 
 if __name__ == "__main__":
