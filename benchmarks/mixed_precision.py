@@ -99,10 +99,11 @@ def markdown(rows: list[dict], float_top1: float) -> str:
     lines = [f"float test top-1 {float_top1 * 100:.2f}%", "",
              "| model | size (bytes) | size vs W3 | PTQ val top-1 | PTQ test top-1 | QAT test top-1 (mean +- std) | per seed |",
              "|---|---:|---:|---:|---:|---:|---|"]
-    w3 = next(r for r in rows if r["name"] == "uniform W3")["size_bytes"]
+    w3 = next((r["size_bytes"] for r in rows if r["name"] == "uniform W3"), None)  # absent under --only
     for r in rows:
         seeds = ", ".join(f"{s['test_top1'] * 100:.2f}" for s in r["qat"])
-        lines.append(f"| {r['name']} | {r['size_bytes']:,} | {r['size_bytes'] / w3:.3f} | {r['ptq_val_top1'] * 100:.2f}% "
+        vs_w3 = f"{r['size_bytes'] / w3:.3f}" if w3 else "-"
+        lines.append(f"| {r['name']} | {r['size_bytes']:,} | {vs_w3} | {r['ptq_val_top1'] * 100:.2f}% "
                      f"| {r['ptq_test_top1'] * 100:.2f}% | {r['qat_mean'] * 100:.2f}% +- {r['qat_std'] * 100:.2f} "
                      f"| {seeds} |")
     return "\n".join(lines)
