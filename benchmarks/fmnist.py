@@ -59,8 +59,8 @@ def ptq(args, fm) -> None:
     for bits in args.bits:
         for ie in args.ie_lif:
             opts = PTQ_IE_LIF[ie]
-            for bn in (b == "re-estimated" for b in args.bn):
-                config = f"ie_lif={ie} bn={'re-estimated' if bn else 'float'}"
+            for bn_name in args.bn:
+                bn, config = bn_name == "re-estimated", f"ie_lif={ie} bn={bn_name}"
                 if (bits, config) in done:
                     _skipped(args, f"W{bits} {config}")
                     continue

@@ -69,11 +69,12 @@ def variants(float_model, args, table_path: Path):
     time as they are wanted (``--only``); the sizes of uniform W2 and W3 set the mixed targets."""
     sizes = {}
     for b in UNIFORM:
-        if not _wanted(f"uniform W{b}", args.only) and b not in (2, 3):
+        wanted = _wanted(f"uniform W{b}", args.only)
+        if not wanted and b not in (2, 3):
             continue
         m = convert(float_model, QuantConfig(bits=b, calib_data=args.data))
         sizes[b] = model_size(m)["size_bytes"]
-        if _wanted(f"uniform W{b}", args.only):
+        if wanted:
             yield f"uniform W{b}", m, {"bits": b}
     targets = [("mixed @ W2 size", sizes[2]), ("mixed @ W3 size", sizes[3]),
                (f"mixed @ {args.smaller:g} x W3 size", int(args.smaller * sizes[3]))]
