@@ -7,7 +7,7 @@ spike diagnosis, on a bundled Fashion-MNIST model (``--model``: ``qsd_tiny_fmnis
     python benchmarks/fmnist.py qat       [--bits 4 3 2 1] [--steps 300]
     python benchmarks/fmnist.py ablation  [--bits 2 4] [--seeds 0 1 2] [--configs ...] [--steps 300]
     python benchmarks/fmnist.py diagnosis [--bits 4 2]
-    python benchmarks/fmnist.py table     # markdown tables of everything in --out
+    python benchmarks/fmnist.py table     [--per-seed]  # markdown tables of everything in --out
     python benchmarks/fmnist.py plot      # q/k/v level histograms -> benchmarks/fmnist_qkv_histograms.png
 
 Every result is one JSON line appended to ``--out`` (default ``benchmarks/fmnist_results.jsonl``,
@@ -190,6 +190,8 @@ def table(args, _fm) -> None:
                   f"| {min(tops):.2f} - {max(tops):.2f} | {f'{statistics.mean(ent):.3f}' if ent else '-'} "
                   f"| {statistics.mean(r['cpu_s'] for r in rs):.0f} |")
         print("\nCPU s/run measured on: " + _machines([r for rs in groups.values() for r in rs]))
+    if args.per_seed:
+        _per_seed(groups)
     _paired(groups)
     diag = [r for r in rows if r["section"] == "diagnosis"]
     if diag:
@@ -204,6 +206,26 @@ def _machines(rows: list[dict]) -> str:
     counts = Counter(f"{m['cpu']} ({m.get('cpu_id') or 'model unknown'}), {m['torch_threads']} thread(s)"
                      if (m := r.get("machine")) else "unrecorded" for r in rows)
     return "; ".join(f"{name} ({n} runs)" for name, n in counts.items())
+
+
+def _kept(r: dict) -> str:
+    """What a run kept, chosen on validation: the converted input, or the model after some step."""
+    if r.get("kept") != "model":
+        return str(r.get("kept", "-"))
+    return f"step {r['best_epoch'] * r['limit_train_batches']}" if "best_epoch" in r else "model"
+
+
+def _per_seed(groups: dict[tuple, list[dict]]) -> None:
+    """One line per run: the numbers behind each mean, for tables that list the seeds."""
+    print("\n| bits | config | seed | input val top-1 | val top-1 | test top-1 | kept | q/k/v entropy | CPU s |"
+          "\n|---:|---|---:|---:|---:|---:|---|---:|---:|")
+    for (bits, name), rs in groups.items():
+        for r in rs:
+            ent = r.get("spikes_after", {}).get("entropy_qkv")
+            inp = r.get("input_val_top1")
+            print(f"| W{bits} | {name} | {r['seed']} | {f'{inp * 100:.2f}' if inp is not None else '-'} "
+                  f"| {r['val_top1'] * 100:.2f} | {r['top1'] * 100:.2f} | {_kept(r)} "
+                  f"| {f'{ent:.3f}' if ent is not None else '-'} | {r['cpu_s']:.0f} |")
 
 
 def _paired(groups: dict[tuple, list[dict]]) -> None:
@@ -242,6 +264,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["float", "ptq"], help="diagnosis: include the float model")
     ap.add_argument("--figure", default=str(Path(__file__).resolve().parent / "fmnist_qkv_histograms.png"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-seed", action="store_true", help="table: also list every run, seed by seed")
     ap.add_argument("--again", action="store_true", help="ptq/qat/ablation: rerun what is already in --out")
     ap.add_argument("--out", default=None, help="default: benchmarks/fmnist_results[_MODEL].jsonl")
     a = ap.parse_args()
