@@ -210,9 +210,7 @@ def _machines(rows: list[dict]) -> str:
 
 def _kept(r: dict) -> str:
     """What a run kept, chosen on validation: the converted input, or the model after some step."""
-    if r.get("kept") != "model":
-        return str(r.get("kept", "-"))
-    return f"step {r['best_epoch'] * r['limit_train_batches']}" if "best_epoch" in r else "model"
+    return f"step {r['best_epoch'] * r['limit_train_batches']}" if r["kept"] == "model" else r["kept"]
 
 
 def _per_seed(groups: dict[tuple, list[dict]]) -> None:
@@ -221,9 +219,8 @@ def _per_seed(groups: dict[tuple, list[dict]]) -> None:
           "\n|---:|---|---:|---:|---:|---:|---|---:|---:|")
     for (bits, name), rs in groups.items():
         for r in rs:
-            ent = r.get("spikes_after", {}).get("entropy_qkv")
-            inp = r.get("input_val_top1")
-            print(f"| W{bits} | {name} | {r['seed']} | {f'{inp * 100:.2f}' if inp is not None else '-'} "
+            ent = r["spikes_after"]["entropy_qkv"] if "spikes_after" in r else None
+            print(f"| W{bits} | {name} | {r['seed']} | {r['input_val_top1'] * 100:.2f} "
                   f"| {r['val_top1'] * 100:.2f} | {r['top1'] * 100:.2f} | {_kept(r)} "
                   f"| {f'{ent:.3f}' if ent is not None else '-'} | {r['cpu_s']:.0f} |")
 
